@@ -1,0 +1,266 @@
+"""The ``scoremesh`` command.
+
+Every command that prints data takes ``--json``; every failure exits non-zero with a one-line
+reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from services.mesh.channels import open_channel
+from services.mesh.errors import MeshError
+from services.mesh.identity import DEFAULT_TENANT, Caller
+from services.mesh.settings import MeshSettings, SettingsError, env_str
+from services.mesh.status import describe
+from services.registry.client import Reference, RegistryClient
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _as_json(message: Message) -> dict[str, Any]:
+    data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return data
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _registry_address() -> str:
+    return env_str(os.environ, "SCOREMESH_REGISTRY_ADDR", "127.0.0.1:50051")
+
+
+def _caller() -> Caller:
+    return Caller(
+        tenant=os.environ.get("SCOREMESH_TENANT", DEFAULT_TENANT),
+        principal=os.environ.get("SCOREMESH_PRINCIPAL", os.environ.get("USER", "cli")),
+    )
+
+
+class _Progress:
+    """A one-line progress bar on stderr, drawn only for a terminal."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self._total = max(total, 1)
+        self._label = label
+        self._enabled = sys.stderr.isatty()
+        self._started = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        if not self._enabled:
+            return
+        fraction = done / self._total
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        bar = "#" * int(fraction * 30)
+        sys.stderr.write(
+            f"\r{self._label} [{bar:<30}] {fraction:6.1%} {done / 1e6:8.1f} MB"
+            f" {done / elapsed / 1e6:6.1f} MB/s"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._enabled:
+            sys.stderr.write("\n")
+
+
+# models commands
+
+
+async def _models_push(args: argparse.Namespace, client: RegistryClient) -> None:
+    path = Path(args.file)
+    if not path.is_file():
+        raise _UsageError(f"{path}: no such file")
+    progress = _Progress(path.stat().st_size, f"pushing {path.name}")
+    try:
+        response = await client.push(
+            args.name, path, alias=args.alias or "", description=args.description or "", progress=progress
+        )
+    finally:
+        progress.close()
+    version = response.version
+    if args.json:
+        _print_json({**_as_json(version), "created": response.created})
+        return
+    state = "created" if response.created else "already existed as"
+    print(
+        f"{state} {version.model} version {version.version}"
+        f" ({version.sha256[:12]}, {version.size_bytes} bytes)"
+    )
+    if version.verification.passed:
+        print("verification passed" + (f"; alias {args.alias} -> {version.version}" if args.alias else ""))
+    else:
+        print("verification FAILED:")
+        for check in version.verification.checks:
+            if not check.passed:
+                print(f"  {check.name}: {check.detail}")
+        raise _Failure(f"{version.model} version {version.version} failed verification")
+
+
+async def _models_list(args: argparse.Namespace, client: RegistryClient) -> None:
+    models = await client.list_models()
+    if args.json:
+        _print_json([_as_json(m) for m in models])
+        return
+    print(f"{'NAME':<32} {'TENANT':<16} {'VISIBILITY':<10} {'LATEST':>6}  DESCRIPTION")
+    for model in models:
+        visibility = "public" if model.visibility == 2 else "private"
+        print(
+            f"{model.name:<32} {model.tenant:<16} {visibility:<10}"
+            f" {model.latest_version:>6}  {model.description}"
+        )
+
+
+async def _models_show(args: argparse.Namespace, client: RegistryClient) -> None:
+    model = await client.get_model(args.name)
+    versions = await client.list_versions(args.name)
+    aliases = await client.list_aliases(args.name)
+    if args.json:
+        _print_json(
+            {
+                **_as_json(model),
+                "versions": [_as_json(v) for v in versions],
+                "aliases": [_as_json(a) for a in aliases],
+            }
+        )
+        return
+    print(f"{model.name}  (tenant {model.tenant}; {model.description or 'no description'})")
+    by_version: dict[int, list[str]] = {}
+    for alias in aliases:
+        by_version.setdefault(alias.version, []).append(alias.alias)
+    print(f"  {'VERSION':>7}  {'STATUS':<7} {'SIZE':>12}  SHA256        ALIASES")
+    for version in versions:
+        status = "ready" if version.status == 1 else "FAILED"
+        names = ", ".join(by_version.get(version.version, []))
+        print(f"  {version.version:>7}  {status:<7} {version.size_bytes:>12}  {version.sha256[:12]}  {names}")
+
+
+async def _models_alias(args: argparse.Namespace, client: RegistryClient) -> None:
+    alias = await client.set_alias(args.name, args.alias, args.version, args.expect)
+    if args.json:
+        _print_json(_as_json(alias))
+    else:
+        print(f"{alias.model}@{alias.alias} -> version {alias.version}")
+
+
+async def _models_pull(args: argparse.Namespace, client: RegistryClient) -> None:
+    version = await client.pull(Reference.parse(args.reference), Path(args.file))
+    if args.json:
+        _print_json({**_as_json(version), "file": str(Path(args.file).resolve())})
+    else:
+        print(f"wrote {version.model} version {version.version} to {args.file} ({version.size_bytes} bytes)")
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Failure(Exception):
+    pass
+
+
+def _run_registry_command(
+    command: Callable[[argparse.Namespace, RegistryClient], Coroutine[Any, Any, None]],
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        async def main() -> None:
+            settings = MeshSettings.from_env()
+            async with open_channel(_registry_address(), settings) as channel:
+                await command(args, RegistryClient(channel, _caller()))
+
+        asyncio.run(main())
+        return 0
+
+    return run
+
+
+# services
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.service == "registry":
+        from services.registry.main import main as registry_main
+
+        registry_main()
+        return 0
+    raise _UsageError(f"unknown service {args.service!r}")
+
+
+def _up(args: argparse.Namespace) -> int:
+    from services.up import run_up
+
+    return asyncio.run(run_up())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scoremesh", description="A serving mesh for ML models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the whole mesh in the foreground (Ctrl-C stops it)")
+    up.set_defaults(run=_up)
+
+    serve = commands.add_parser("serve", help="run one service")
+    serve.add_argument("service", choices=["registry"])
+    serve.set_defaults(run=_serve)
+
+    models = commands.add_parser("models", help="push, list, show, alias and pull models")
+    verbs = models.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, help_text: str, command: Any) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help_text)
+        sub.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        sub.set_defaults(run=_run_registry_command(command))
+        return sub
+
+    push = verb("push", "upload an ONNX file as a new version", _models_push)
+    push.add_argument("name")
+    push.add_argument("file")
+    push.add_argument("--alias", help="point this alias at the version once it is verified")
+    push.add_argument("--description", help="description of a model this push creates")
+    verb("list", "list the models you can see", _models_list)
+    show = verb("show", "show a model with its versions and aliases", _models_show)
+    show.add_argument("name")
+    alias = verb("alias", "point an alias at a version", _models_alias)
+    alias.add_argument("name")
+    alias.add_argument("alias")
+    alias.add_argument("version", type=int)
+    alias.add_argument("--expect", type=int, help="only if the alias points at this version now (0: absent)")
+    pull = verb("pull", "download NAME, NAME:VERSION or NAME@ALIAS", _models_pull)
+    pull.add_argument("reference")
+    pull.add_argument("file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+        return code
+    except grpc.aio.AioRpcError as error:
+        print(f"scoremesh: {describe(error)}", file=sys.stderr)
+    except (MeshError, _Failure) as error:
+        print(f"scoremesh: {error}", file=sys.stderr)
+    except (_UsageError, SettingsError) as error:
+        print(f"scoremesh: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

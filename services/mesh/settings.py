@@ -1,0 +1,264 @@
+"""Typed configuration read once from ``SCOREMESH_*`` environment variables.
+
+Each service builds its frozen settings object in ``main`` from an environment mapping that
+tests can substitute; the ``env_*`` helpers below fail fast with a :class:`SettingsError` that
+names the variable and the bad value. An unset or empty variable means "use the default".
+
+``ENVIRONMENT`` lists every variable the kernel reads, for the README and ``--help`` texts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "ENVIRONMENT",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "EnvVar",
+    "MeshSettings",
+    "SettingsError",
+    "env_bool",
+    "env_bytes",
+    "env_float",
+    "env_int",
+    "env_path",
+    "env_str",
+    "parse_bytes",
+]
+
+# gRPC stores message limits in a C int: anything larger is rejected when a channel opens.
+MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "text")
+
+
+class SettingsError(ValueError):
+    """A configuration variable holds a value that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnvVar:
+    """One documented environment variable: its name, its default as written, what it means."""
+
+    name: str
+    default: str
+    description: str
+
+
+ENVIRONMENT: tuple[EnvVar, ...] = (
+    EnvVar("SCOREMESH_HOME", "~/.scoremesh", "artifacts, the private PostgreSQL cluster, run files"),
+    EnvVar(
+        "SCOREMESH_MAX_MESSAGE_BYTES",
+        "64MiB",
+        "gRPC message limit, equal for sending and receiving on both sides of every channel",
+    ),
+    EnvVar("SCOREMESH_SHUTDOWN_GRACE_S", "10", "how long in-flight calls may finish after SIGTERM"),
+    EnvVar(
+        "SCOREMESH_DEFAULT_DEADLINE_S",
+        "30",
+        "deadline of outbound calls that set none; cap for inbound calls that carry none",
+    ),
+    EnvVar("SCOREMESH_MAX_CONCURRENT_RPCS", "1000", "calls a server runs at once; more are refused"),
+    EnvVar("SCOREMESH_LOG_LEVEL", "INFO", "log level: " + ", ".join(LOG_LEVELS)),
+    EnvVar("SCOREMESH_LOG_FORMAT", "json", "json lines (with trace ids) or text"),
+)
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_BYTES_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
+
+
+def _raw(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or not value.strip():
+        return None
+    return value.strip()
+
+
+def _bad(name: str, value: str, expected: str) -> SettingsError:
+    return SettingsError(f"{name}={value!r}: expected {expected}")
+
+
+def _check_range(name: str, raw: str, value: float, minimum: float | None, maximum: float | None) -> None:
+    if minimum is not None and value < minimum:
+        raise _bad(name, raw, f"a value of at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise _bad(name, raw, f"a value of at most {maximum}")
+
+
+def env_str(
+    env: Mapping[str, str], name: str, default: str, *, choices: Collection[str] | None = None
+) -> str:
+    """The variable's value (stripped), or ``default``; with ``choices``, one of them."""
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    if choices is not None and raw not in choices:
+        raise _bad(name, raw, "one of " + ", ".join(sorted(choices)))
+    return raw
+
+
+def env_int(
+    env: Mapping[str, str], name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    """A whole number (``_`` separators allowed), or ``default``."""
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _bad(name, raw, "a whole number") from None
+    _check_range(name, raw, value, minimum, maximum)
+    return value
+
+
+def env_float(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> float:
+    """A finite number, or ``default``."""
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _bad(name, raw, "a number") from None
+    if not math.isfinite(value):
+        raise _bad(name, raw, "a finite number")
+    _check_range(name, raw, value, minimum, maximum)
+    return value
+
+
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off`` in any case, or ``default``."""
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    lowered = raw.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise _bad(name, raw, "true or false")
+
+
+def parse_bytes(text: str) -> int:
+    """``64MiB`` → 67108864. Units: B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB (powers of
+    1024), in any case; no unit means bytes. Raises ValueError on anything else."""
+    match = _BYTES_PATTERN.fullmatch(text.strip().lower())
+    if match is None or match.group(2) not in _BYTE_UNITS:
+        raise ValueError(f"not a byte size: {text!r}")
+    number, unit = match.groups()
+    multiplier = _BYTE_UNITS[unit]
+    if "." in number:
+        whole, fraction = number.split(".")
+        # integer arithmetic keeps 1.5GiB exact; a fraction of a byte is not a size
+        scaled = int(whole + fraction) * multiplier
+        divisor: int = 10 ** len(fraction)
+        if scaled % divisor:
+            raise ValueError(f"not a whole number of bytes: {text!r}")
+        return scaled // divisor
+    return int(number) * multiplier
+
+
+def env_bytes(
+    env: Mapping[str, str], name: str, default: int, *, minimum: int | None = 0, maximum: int | None = None
+) -> int:
+    """A byte size such as ``64MiB``, ``2GiB``, ``500MB`` or ``1048576``, or ``default``."""
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    try:
+        value = parse_bytes(raw)
+    except ValueError:
+        raise _bad(name, raw, "a byte size such as 1048576, 64MiB or 2GiB") from None
+    _check_range(name, raw, value, minimum, maximum)
+    return value
+
+
+def env_path(env: Mapping[str, str], name: str, default: Path) -> Path:
+    """A filesystem path with ``~`` expanded, or ``default`` (also expanded)."""
+    raw = _raw(env, name)
+    if raw is None:
+        return default.expanduser()
+    if "\0" in raw:
+        raise _bad(name, raw, "a path without NUL characters")
+    return Path(raw).expanduser()
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """What every service's kernel needs, read once by :meth:`from_env`."""
+
+    home: Path
+    """SCOREMESH_HOME: where a service keeps its files (artifacts, a private PostgreSQL cluster,
+    the ``run/<service>.addr`` files announcing bound addresses). Default ``~/.scoremesh``."""
+    max_message_bytes: int
+    """SCOREMESH_MAX_MESSAGE_BYTES: the largest gRPC message sent or received, set on both
+    sides of every channel so that a limit is never enforced on one side only. Default 64MiB,
+    at most 2GiB - 1 (gRPC keeps it in a C int)."""
+    shutdown_grace_s: float
+    """SCOREMESH_SHUTDOWN_GRACE_S: after SIGTERM, how long in-flight calls may finish before
+    they are cancelled. Default 10."""
+    default_deadline_s: float
+    """SCOREMESH_DEFAULT_DEADLINE_S: the deadline given to outbound calls that set none, and
+    the cap on the time passed on from an inbound call that carried none. Default 30."""
+    max_concurrent_rpcs: int
+    """SCOREMESH_MAX_CONCURRENT_RPCS: calls one server runs at once; beyond it, calls fail
+    with RESOURCE_EXHAUSTED instead of queueing without bound. Default 1000."""
+    log_level: str
+    """SCOREMESH_LOG_LEVEL: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case). Default INFO."""
+    log_format: str
+    """SCOREMESH_LOG_FORMAT: ``json`` (one object per line, with trace ids) or ``text``.
+    Default json."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> MeshSettings:
+        """Reads every ``SCOREMESH_*`` variable of the kernel from ``env`` (default
+        ``os.environ``); raises SettingsError naming the first bad one."""
+        env = os.environ if env is None else env
+        return cls(
+            home=env_path(env, "SCOREMESH_HOME", Path("~/.scoremesh")),
+            max_message_bytes=env_bytes(
+                env, "SCOREMESH_MAX_MESSAGE_BYTES", 64 * 1024**2, minimum=1024, maximum=MAX_GRPC_MESSAGE_BYTES
+            ),
+            shutdown_grace_s=env_float(env, "SCOREMESH_SHUTDOWN_GRACE_S", 10.0, minimum=0.0),
+            default_deadline_s=env_float(env, "SCOREMESH_DEFAULT_DEADLINE_S", 30.0, minimum=0.001),
+            max_concurrent_rpcs=env_int(env, "SCOREMESH_MAX_CONCURRENT_RPCS", 1000, minimum=1),
+            log_level=_log_level(env),
+            log_format=env_str(env, "SCOREMESH_LOG_FORMAT", "json", choices=LOG_FORMATS),
+        )
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    raw = env_str(env, "SCOREMESH_LOG_LEVEL", "INFO")
+    level = raw.upper()
+    if level not in LOG_LEVELS:
+        raise _bad("SCOREMESH_LOG_LEVEL", raw, "one of " + ", ".join(LOG_LEVELS))
+    return level

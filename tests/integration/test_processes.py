@@ -1,0 +1,221 @@
+"""The registry and the mesh as real processes: the CLI, signals, ``scoremesh up``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import grpc
+import pytest
+from scoremesh.registry.v1 import registry_pb2 as pb
+from scoremesh.registry.v1 import registry_pb2_grpc
+
+from services.mesh.postgres import EmbeddedPostgres
+from services.mesh.server import address_file
+from tests import onnx_factory
+from tests.integration.registry_harness import (
+    ALICE,
+    RunningRegistry,
+    registry_env,
+    running_registry,
+    upload_requests,
+)
+
+pytestmark = pytest.mark.integration
+
+START_TIMEOUT_S = 60.0
+
+
+async def _wait_for_address(home: Path, process: asyncio.subprocess.Process, name: str = "registry") -> str:
+    path = address_file(home, name)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + START_TIMEOUT_S
+    while not path.exists():
+        assert process.returncode is None, f"{name} exited with {process.returncode}"
+        assert loop.time() < deadline, f"{name} did not announce its address"
+        await asyncio.sleep(0.02)
+    return path.read_text().strip()
+
+
+async def _start_registry(env: Mapping[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "serve", "registry", env={**os.environ, **env}
+    )
+
+
+async def _cli(env: Mapping[str, str], *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        *args,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def reg(database_url: str, tmp_path: Path) -> AsyncIterator[RunningRegistry]:
+    async with running_registry(registry_env(tmp_path / "home", database_url)) as running:
+        yield running
+
+
+async def test_cli_push_list_show_alias_pull(reg: RunningRegistry, tmp_path: Path) -> None:
+    env = {"SCOREMESH_REGISTRY_ADDR": reg.address, "SCOREMESH_TENANT": "acme", "SCOREMESH_PRINCIPAL": "alice"}
+    model = tmp_path / "model.onnx"
+    model.write_bytes(onnx_factory.tiny_classifier(seed=1))
+    second = tmp_path / "second.onnx"
+    second.write_bytes(onnx_factory.tiny_classifier(seed=2))
+
+    code, out, _ = await _cli(env, "models", "push", "clf", str(model), "--alias", "production", "--json")
+    assert code == 0
+    pushed = json.loads(out)
+    assert (pushed["model"], pushed["version"], pushed["created"]) == ("clf", "1", True)
+    assert len(pushed["sha256"]) == 64
+    code, out, _ = await _cli(env, "models", "push", "clf", str(second), "--json")
+    assert json.loads(out)["version"] == "2"
+
+    code, out, _ = await _cli(env, "models", "list", "--json")
+    assert [m["name"] for m in json.loads(out)] == ["clf"]
+    code, out, _ = await _cli(env, "models", "alias", "clf", "staging", "2", "--json")
+    assert (json.loads(out)["alias"], json.loads(out)["version"]) == ("staging", "2")
+    code, out, _ = await _cli(env, "models", "show", "clf", "--json")
+    shown = json.loads(out)
+    assert [v["version"] for v in shown["versions"]] == ["2", "1"]
+    assert {a["alias"]: a["version"] for a in shown["aliases"]} == {"production": "1", "staging": "2"}
+
+    pulled = tmp_path / "pulled.onnx"
+    code, out, _ = await _cli(env, "models", "pull", "clf@staging", str(pulled))
+    assert code == 0
+    assert pulled.read_bytes() == second.read_bytes()
+    code, _, _ = await _cli(env, "models", "pull", "clf:1", str(pulled))
+    assert pulled.read_bytes() == model.read_bytes()
+
+    code, out, _ = await _cli(env, "models", "show", "clf")
+    assert code == 0
+    assert "production" in out
+    assert "staging" in out
+
+
+async def test_cli_failures_exit_non_zero_with_one_line(reg: RunningRegistry, tmp_path: Path) -> None:
+    env = {"SCOREMESH_REGISTRY_ADDR": reg.address}
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    cases = [
+        (("models", "push", "m", str(tmp_path / "missing.onnx")), 2, "no such file"),
+        (("models", "push", "m", str(junk)), 1, "NOT_ONNX"),
+        (("models", "pull", "nope@production", str(tmp_path / "x")), 1, "not found"),
+        (("models", "pull", "bad:ref:x", str(tmp_path / "x")), 1, "reference"),
+        (("models", "alias", "nope", "production", "1"), 1, "not found"),
+    ]
+    for args, expected_code, fragment in cases:
+        code, _, err = await _cli(env, *args)
+        assert code == expected_code, (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert lines[0].startswith("scoremesh: ")
+        assert fragment.lower() in lines[0].lower(), lines[0]
+    code, _, err = await _cli(
+        {"SCOREMESH_REGISTRY_ADDR": "127.0.0.1:1", "SCOREMESH_DEFAULT_DEADLINE_S": "2"}, "models", "list"
+    )
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL])
+async def test_a_registry_stopped_during_an_upload_shows_nothing_after_restart(
+    database_url: str, tmp_path: Path, stop_signal: signal.Signals
+) -> None:
+    home = tmp_path / "home"
+    env = registry_env(home, database_url, SCOREMESH_SHUTDOWN_GRACE_S="1")
+    process = await _start_registry(env)
+    address = await _wait_for_address(home, process)
+    data = onnx_factory.large_model(2 * 1024 * 1024)
+    requests = upload_requests("interrupted", data, chunk_bytes=64 * 1024, size_bytes=len(data))
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = registry_pb2_grpc.ModelRegistryStub(channel).UploadVersion(metadata=ALICE.metadata())
+        for request in requests[:5]:
+            await call.write(request)
+        # the server holds a half-written upload now
+        tmp_dir = home / "artifacts" / "tmp"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not any(tmp_dir.iterdir()):
+            assert loop.time() < deadline, "the upload never reached the server"
+            await asyncio.sleep(0.02)
+        process.send_signal(stop_signal)
+        assert await asyncio.wait_for(process.wait(), 30) in (0, -stop_signal)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+
+    # a killed registry cannot remove its address file
+    address_file(home, "registry").unlink(missing_ok=True)
+    restarted = await _start_registry(env)
+    try:
+        address = await _wait_for_address(home, restarted)
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = registry_pb2_grpc.ModelRegistryStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.GetModel(
+                    pb.GetModelRequest(name="interrupted"), metadata=ALICE.metadata(), timeout=10
+                )
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert list((home / "artifacts" / "tmp").iterdir()) == []
+        assert list((home / "artifacts" / "sha256").iterdir()) == []
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(restarted.wait(), 30) == 0
+
+
+async def test_scoremesh_up_starts_postgres_and_the_registry_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("SCOREMESH_DATABASE_URL", "DATABASE_URL")
+    }
+    env.update({"SCOREMESH_HOME": str(home), "SCOREMESH_REGISTRY_PORT": "0", "SCOREMESH_LOG_FORMAT": "text"})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "up", env=env, stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    try:
+        banner = []
+        while True:
+            line = (await asyncio.wait_for(process.stdout.readline(), START_TIMEOUT_S)).decode()
+            assert line, f"scoremesh up exited early with {await process.wait()}"
+            banner.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        assert banner[0].startswith("scoremesh is up")
+        address = address_file(home, "registry").read_text().strip()
+        assert any(address in line for line in banner)
+
+        model = tmp_path / "m.onnx"
+        model.write_bytes(onnx_factory.tiny_classifier())
+        code, out, err = await _cli(
+            {"SCOREMESH_REGISTRY_ADDR": address, **env}, "models", "push", "up-model", str(model), "--json"
+        )
+        assert code == 0, err
+        assert json.loads(out)["status"] == "READY"
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+        # the private cluster was stopped with everything else
+        cluster = EmbeddedPostgres(home / "postgres")
+        assert (cluster.data_dir / "PG_VERSION").is_file()
+        assert not (cluster.data_dir / "postmaster.pid").exists()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        # as root the data may live outside tmp_path (see services.mesh.postgres)
+        EmbeddedPostgres(home / "postgres").destroy()

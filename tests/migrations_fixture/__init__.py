@@ -1,0 +1,1 @@
+"""Migrations for the tests of services.mesh.migrations."""
