@@ -197,7 +197,36 @@ def _serve(args: argparse.Namespace) -> int:
 
         registry_main()
         return 0
+    if args.service == "scoring":
+        from services.scoring.main import main as scoring_main
+
+        scoring_main()
+        return 0
     raise _UsageError(f"unknown service {args.service!r}")
+
+
+def _score(args: argparse.Namespace) -> int:
+    from services.scoring.score_command import score
+
+    reference = Reference.parse(args.reference)
+    inputs = dict(_named_file(text) for text in args.input)
+    settings = MeshSettings.from_env()
+    address = env_str(os.environ, "SCOREMESH_SCORING_ADDR", "127.0.0.1:50052")
+    result = asyncio.run(score(address, settings, _caller(), reference, inputs, timeout_s=args.timeout))
+    if args.json:
+        _print_json(result)
+        return 0
+    print(f"{result['model']} version {result['version']} ({result['backend']})")
+    for output in result["outputs"]:
+        print(f"{output['name']} {output['datatype']} {output['shape']}: {output['data']}")
+    return 0
+
+
+def _named_file(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise _UsageError(f"--input takes NAME=FILE.npy, not {text!r}")
+    return name, Path(path)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -214,8 +243,15 @@ def _parser() -> argparse.ArgumentParser:
     up.set_defaults(run=_up)
 
     serve = commands.add_parser("serve", help="run one service")
-    serve.add_argument("service", choices=["registry"])
+    serve.add_argument("service", choices=["registry", "scoring"])
     serve.set_defaults(run=_serve)
+
+    score = commands.add_parser("score", help="score a model with inputs from .npy files")
+    score.add_argument("reference", metavar="NAME[@ALIAS|:VERSION]")
+    score.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="one per input")
+    score.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    score.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    score.set_defaults(run=_score)
 
     models = commands.add_parser("models", help="push, list, show, alias and pull models")
     verbs = models.add_subparsers(dest="verb", required=True)

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from services.mesh.postgres import EmbeddedPostgres, resolve_database_url
@@ -20,21 +21,32 @@ from services.mesh.settings import MeshSettings
 from services.mesh.supervisor import ProcessSpec, Supervisor
 from services.mesh.telemetry import configure_logging
 from services.registry.servicer import SERVICE_NAME as REGISTRY_SERVICE
+from services.scoring.oip import SERVICE_NAME as INFERENCE_SERVICE
 
 log = logging.getLogger("scoremesh.up")
 
 READY_TIMEOUT_S = 120.0
 
 
-def _service_specs(mesh: MeshSettings, database_url: str) -> list[ProcessSpec]:
+def _service(name: str, mesh: MeshSettings, health_service: str, env: dict[str, str]) -> ProcessSpec:
+    return ProcessSpec(
+        name=name,
+        argv=[sys.executable, "-m", "services.cli", "serve", name],
+        address_file=address_file(mesh.home, name),
+        health_service=health_service,
+        env=env,
+    )
+
+
+def _service_stages(mesh: MeshSettings, database_url: str) -> list[Callable[[dict[str, str]], ProcessSpec]]:
+    """The services in start order; each stage is built from the addresses of those before
+    it (``{name: host:port}``), so any of them may listen on port 0."""
+    database = {"SCOREMESH_DATABASE_URL": database_url}
     return [
-        ProcessSpec(
-            name="registry",
-            argv=[sys.executable, "-m", "services.cli", "serve", "registry"],
-            address_file=address_file(mesh.home, "registry"),
-            health_service=REGISTRY_SERVICE,
-            env={"SCOREMESH_DATABASE_URL": database_url},
-        )
+        lambda _: _service("registry", mesh, REGISTRY_SERVICE, database),
+        lambda up: _service(
+            "scoring", mesh, INFERENCE_SERVICE, {**database, "SCOREMESH_REGISTRY_ADDR": up["registry"]}
+        ),
     ]
 
 
@@ -54,26 +66,25 @@ async def run_up() -> int:
         database_url = await asyncio.to_thread(cluster.start)
     supervisor = Supervisor(stop_timeout_s=mesh.shutdown_grace_s + 5)
     try:
-        specs = _service_specs(mesh, database_url)
-        for spec in specs:
+        addresses: dict[str, str] = {}
+        for stage in _service_stages(mesh, database_url):
+            spec = stage(addresses)
             await supervisor.start(spec)
-        waiting: asyncio.Future[list[str]] = asyncio.gather(
-            *(supervisor.wait_healthy(spec, READY_TIMEOUT_S) for spec in specs)
-        )
-        stopped: asyncio.Future[bool] = asyncio.ensure_future(stop.wait())
-        either: set[asyncio.Future[Any]] = {waiting, stopped}
-        done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        if stopped in done:
-            waiting.cancel()
-            return 130
-        stopped.cancel()
-        addresses = await waiting
+            ready: asyncio.Future[str] = asyncio.ensure_future(supervisor.wait_healthy(spec, READY_TIMEOUT_S))
+            stopped: asyncio.Future[bool] = asyncio.ensure_future(stop.wait())
+            either: set[asyncio.Future[Any]] = {ready, stopped}
+            done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if stopped in done:
+                ready.cancel()
+                return 130
+            stopped.cancel()
+            addresses[spec.name] = await ready
         print(f"scoremesh is up in {time.monotonic() - started:.2f} s", flush=True)
         print(
             "  postgres  " + (f"private cluster under {mesh.home / 'postgres'}" if cluster else "configured")
         )
-        for spec, address in zip(specs, addresses, strict=True):
-            print(f"  {spec.name:<9} {address} (gRPC)")
+        for name, address in addresses.items():
+            print(f"  {name:<9} {address} (gRPC)")
         print("Ctrl-C stops everything.", flush=True)
         await stop.wait()
         print("stopping…", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -35,15 +36,22 @@ def postgres_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         cluster.destroy()
 
 
-@pytest.fixture
-async def database_url(postgres_dsn: str) -> AsyncIterator[str]:
-    """A new, empty database for one test, dropped afterwards (with any sessions left in it)."""
+@contextlib.asynccontextmanager
+async def fresh_database(postgres_dsn: str) -> AsyncIterator[str]:
+    """A new, empty database, dropped afterwards (with any sessions left in it)."""
     name = f"scoremesh_test_{uuid.uuid4().hex[:16]}"
     await _execute(postgres_dsn, f'CREATE DATABASE "{name}"')
     try:
         yield dsn_with_database(postgres_dsn, name)
     finally:
         await _execute(postgres_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def database_url(postgres_dsn: str) -> AsyncIterator[str]:
+    """A new, empty database for one test."""
+    async with fresh_database(postgres_dsn) as url:
+        yield url
 
 
 async def _execute(dsn: str, sql: str) -> None:

@@ -86,6 +86,37 @@ def tiny_classifier(n_features: int = 4, n_classes: int = 3, seed: int = 0) -> b
     return _bytes(_model(graph))
 
 
+def mlp_model(width: int = 512, layers: int = 8, seed: int = 0) -> bytes:
+    """``layers`` dense layers with ReLU between them, ``width`` wide: a model whose execution
+    costs real time (about ``layers * width**2`` multiply-adds a row).
+
+    Input ``input`` FP32 ``[-1, width]``, output ``output`` FP32 ``[-1, width]``."""
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[TensorProto] = []
+    current = "input"
+    for layer in range(layers):
+        weights = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        initializers.append(numpy_helper.from_array(weights, f"W{layer}"))
+        product = f"h{layer}" if layer < layers - 1 else "output"
+        nodes.append(
+            helper.make_node(
+                "MatMul", [current, f"W{layer}"], [f"m{layer}" if layer < layers - 1 else product]
+            )
+        )
+        if layer < layers - 1:
+            nodes.append(helper.make_node("Relu", [f"m{layer}"], [product]))
+        current = product
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [_value("input", TensorProto.FLOAT, ["batch", width])],
+        [_value("output", TensorProto.FLOAT, ["batch", width])],
+        initializer=initializers,
+    )
+    return _bytes(_model(graph))
+
+
 def identity_model(datatype: str | int = "FP32", shape: tuple[int | str | None, ...] = ("batch", 2)) -> bytes:
     """``output = Identity(input)`` for one Open Inference Protocol datatype (``FP32``, ``INT64``,
     ``BOOL``, ``FP16``, ``BYTES``/``STRING``…) or a raw ONNX element type (``TensorProto.INT4``);

@@ -14,6 +14,7 @@ and the file ``data-location`` inside the requested root says where.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -28,12 +29,16 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 from urllib.parse import quote, urlsplit
+
+import asyncpg
+
+from services.mesh.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -587,3 +592,41 @@ def _prune_orphaned_relocations() -> None:
             continue
         log.info("removing %s: its cluster's root %s no longer exists", parent, owner)
         shutil.rmtree(parent, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def database(database_url: str | None, home: Path) -> AsyncIterator[str]:
+    """``database_url`` when one is configured; otherwise a private cluster under
+    ``home/postgres``, started here and stopped when the block exits."""
+    if database_url:
+        yield database_url
+        return
+    cluster = EmbeddedPostgres(home / "postgres")
+    dsn = await asyncio.to_thread(cluster.start)
+    try:
+        yield dsn
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+# asyncpg raises several types while PostgreSQL restarts or a connection drops
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    ConnectionError,
+    OSError,
+)
+
+
+@contextlib.asynccontextmanager
+async def translated_errors() -> AsyncIterator[None]:
+    """Turns a lost or refused database connection into ``Unavailable`` (a store's callers
+    should see the mesh's error, not asyncpg's)."""
+    try:
+        yield
+    except CONNECTION_ERRORS as error:
+        reason = "DATABASE_UNAVAILABLE"
+        raise Unavailable(f"database unavailable: {type(error).__name__}", reason=reason) from error

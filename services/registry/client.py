@@ -16,6 +16,7 @@ from services.mesh.errors import InvalidArgument
 from services.mesh.identity import Caller
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
+WATCH_TIMEOUT_S = 365 * 24 * 3600.0
 _REFERENCE = re.compile(r"^(?P<model>[^:@]+)(?::(?P<version>\d+)|@(?P<alias>[^:@]+))?$")
 
 
@@ -96,24 +97,42 @@ class RegistryClient:
             reference.resolve_request(), metadata=self._metadata, timeout=timeout
         )
         version: pb.ModelVersion = resolved.version
-        request = pb.DownloadVersionRequest(model=version.model, version=version.version)
         partial = path.with_name(path.name + ".partial")
-        digest = hashlib.sha256()
         try:
             with partial.open("wb") as out:
-                async for response in self.stub.DownloadVersion(
-                    request, metadata=self._metadata, timeout=timeout
-                ):
-                    digest.update(response.chunk)
-                    out.write(response.chunk)
-            if digest.hexdigest() != version.sha256:
-                raise InvalidArgument(
-                    f"downloaded bytes hash to {digest.hexdigest()}, expected {version.sha256}"
-                )
+                async for chunk in self._chunks(version, timeout):
+                    out.write(chunk)
             partial.replace(path)
         finally:
             partial.unlink(missing_ok=True)
         return version
+
+    async def download(self, version: pb.ModelVersion, *, timeout: float | None = None) -> bytes:
+        """A version's artifact in memory, its sha256 checked."""
+        return b"".join([chunk async for chunk in self._chunks(version, timeout)])
+
+    async def _chunks(self, version: pb.ModelVersion, timeout: float | None) -> AsyncIterator[bytes]:
+        """The artifact's chunks in order; raises after the last one when the bytes do not
+        hash to the version's sha256."""
+        request = pb.DownloadVersionRequest(model=version.model, version=version.version)
+        digest = hashlib.sha256()
+        async for response in self.stub.DownloadVersion(request, metadata=self._metadata, timeout=timeout):
+            digest.update(response.chunk)
+            yield response.chunk
+        if digest.hexdigest() != version.sha256:
+            raise InvalidArgument(f"downloaded bytes hash to {digest.hexdigest()}, expected {version.sha256}")
+
+    def watch(
+        self, cursor: str = "", models: list[str] | None = None
+    ) -> AsyncIterator[pb.WatchModelsResponse]:
+        """Version and alias events after ``cursor`` (empty: from now), as they happen. The
+        stream has no deadline: it lives until the caller cancels it or the server goes away."""
+        request = pb.WatchModelsRequest(cursor=cursor, models=models or [])
+        # a huge timeout, because the channel's default deadline would end the stream
+        stream: AsyncIterator[pb.WatchModelsResponse] = self.stub.WatchModels(
+            request, metadata=self._metadata, timeout=WATCH_TIMEOUT_S
+        )
+        return stream
 
     async def resolve(self, reference: Reference, *, timeout: float | None = None) -> pb.ResolveModelResponse:
         response: pb.ResolveModelResponse = await self.stub.ResolveModel(

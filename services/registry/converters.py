@@ -77,6 +77,14 @@ def signature_to_pb(signature: Signature) -> pb.Signature:
     )
 
 
+def signature_from_pb(signature: pb.Signature) -> Signature:
+    """The registry's signature as the scoring service reads it from ResolveModel."""
+    return Signature(
+        inputs=tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in signature.inputs),
+        outputs=tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in signature.outputs),
+    )
+
+
 def report_to_pb(report: VerificationReport) -> pb.VerificationReport:
     return pb.VerificationReport(
         passed=report.passed,

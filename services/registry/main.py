@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from scoremesh.registry.v1 import registry_pb2_grpc
 
-from services.mesh.postgres import EmbeddedPostgres
+from services.mesh.postgres import database
 from services.mesh.server import MeshServer, Registration, serve
 from services.mesh.telemetry import configure_logging, setup_tracing
 from services.registry.artifacts import LocalArtifactStore
@@ -75,23 +73,8 @@ async def build_registry(settings: RegistrySettings, database_url: str) -> Regis
     return Registry(server, service, store, events, io_executor, verify_executor)
 
 
-@contextlib.asynccontextmanager
-async def database(settings: RegistrySettings) -> AsyncIterator[str]:
-    """The configured database, or a private cluster under SCOREMESH_HOME for as long as the
-    registry runs."""
-    if settings.database_url:
-        yield settings.database_url
-        return
-    cluster = EmbeddedPostgres(settings.mesh.home / "postgres")
-    dsn = await asyncio.to_thread(cluster.start)
-    try:
-        yield dsn
-    finally:
-        await asyncio.to_thread(cluster.stop)
-
-
 async def run(settings: RegistrySettings) -> None:
-    async with database(settings) as database_url:
+    async with database(settings.database_url, settings.mesh.home) as database_url:
         registry = await build_registry(settings, database_url)
         await serve(registry.server, cleanup=[registry.close])
 

@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
 
-from services.mesh.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from services.mesh.errors import AlreadyExists, FailedPrecondition, NotFound
 from services.mesh.migrations import apply_migrations
+from services.mesh.postgres import translated_errors
 from services.registry.domain import (
     Alias,
     AliasChange,
@@ -50,17 +51,6 @@ _VERSION_COLUMNS = """
     m.name AS model, v.version, v.sha256, v.size_bytes, v.signature, v.status, v.report,
     v.create_time, v.created_by
 """
-
-# asyncpg raises several types while PostgreSQL restarts or a connection drops
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    ConnectionError,
-    OSError,
-)
 
 
 def _signature_to_json(signature: Signature) -> dict[str, Any]:
@@ -144,16 +134,6 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
-@contextlib.asynccontextmanager
-async def _translated_errors() -> AsyncIterator[None]:
-    try:
-        yield
-    except _CONNECTION_ERRORS as error:
-        raise Unavailable(
-            f"database unavailable: {type(error).__name__}", reason="DATABASE_UNAVAILABLE"
-        ) from error
-
-
 class RegistryStore:
     """Models, versions, aliases, cards and events in PostgreSQL."""
 
@@ -182,12 +162,12 @@ class RegistryStore:
     # models
 
     async def get_model(self, name: str) -> Model | None:
-        async with _translated_errors():
+        async with translated_errors():
             row = await self._pool.fetchrow(f"SELECT {_MODEL_COLUMNS} FROM models m WHERE m.name = $1", name)
         return _model(row) if row else None
 
     async def list_models(self, tenant: str, after_name: str, limit: int) -> list[Model]:
-        async with _translated_errors():
+        async with translated_errors():
             rows = await self._pool.fetch(
                 f"""SELECT {_MODEL_COLUMNS} FROM models m
                     WHERE (m.tenant = $1 OR m.visibility = 'public') AND m.name > $2
@@ -201,7 +181,7 @@ class RegistryStore:
     async def create_model(
         self, name: str, tenant: str, description: str, visibility: Visibility, created_by: str
     ) -> Model:
-        async with _translated_errors():
+        async with translated_errors():
             try:
                 await self._pool.execute(
                     """INSERT INTO models (name, tenant, description, visibility, created_by)
@@ -219,7 +199,7 @@ class RegistryStore:
         return model
 
     async def update_model(self, name: str, description: str | None, visibility: Visibility | None) -> Model:
-        async with _translated_errors():
+        async with translated_errors():
             status = await self._pool.execute(
                 """UPDATE models SET description = coalesce($2, description),
                                      visibility = coalesce($3, visibility)
@@ -237,7 +217,7 @@ class RegistryStore:
     # versions
 
     async def find_version_by_sha256(self, model: str, sha256: str) -> ModelVersion | None:
-        async with _translated_errors():
+        async with translated_errors():
             row = await self._pool.fetchrow(
                 f"""SELECT {_VERSION_COLUMNS} FROM model_versions v JOIN models m ON m.id = v.model_id
                     WHERE m.name = $1 AND v.sha256 = $2""",
@@ -263,7 +243,7 @@ class RegistryStore:
         """Adds the next version of ``model`` (created for ``tenant`` if missing), or returns
         the version that already holds these bytes. ``check_owner`` may raise to refuse a
         model another tenant created meanwhile. Concurrent pushes serialize on the model row."""
-        async with _translated_errors(), self._pool.acquire() as conn, conn.transaction():
+        async with translated_errors(), self._pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 """INSERT INTO models (name, tenant, description, visibility, created_by)
                    VALUES ($1, $2, $3, 'private', $4) ON CONFLICT (name) DO NOTHING""",
@@ -312,7 +292,7 @@ class RegistryStore:
         self, model: str, version: int | None, alias: str
     ) -> tuple[Model | None, ModelVersion | None]:
         """The model and the version that ``version`` (or else ``alias``) names, in one query."""
-        async with _translated_errors():
+        async with translated_errors():
             row = await self._pool.fetchrow(
                 f"""SELECT {_MODEL_COLUMNS}, m.name AS model, v.version, v.sha256, v.size_bytes,
                            v.signature, v.status, v.report, v.create_time AS version_create_time,
@@ -333,7 +313,7 @@ class RegistryStore:
         return _model(row), _version(row, prefix="version_")
 
     async def get_version(self, model: str, version: int) -> ModelVersion | None:
-        async with _translated_errors():
+        async with translated_errors():
             row = await self._pool.fetchrow(
                 f"""SELECT {_VERSION_COLUMNS} FROM model_versions v JOIN models m ON m.id = v.model_id
                     WHERE m.name = $1 AND v.version = $2""",
@@ -343,7 +323,7 @@ class RegistryStore:
         return _version(row) if row else None
 
     async def list_versions(self, model: str, before_version: int | None, limit: int) -> list[ModelVersion]:
-        async with _translated_errors():
+        async with translated_errors():
             rows = await self._pool.fetch(
                 f"""SELECT {_VERSION_COLUMNS} FROM model_versions v JOIN models m ON m.id = v.model_id
                     WHERE m.name = $1 AND ($2::bigint IS NULL OR v.version < $2)
@@ -362,7 +342,7 @@ class RegistryStore:
         """Points ``alias`` at a READY ``version``; with ``expected_version`` only if the
         alias points there now (0: only if it does not exist). Moves of one model's aliases
         serialize on the model row, so of two moves expecting the same version one fails."""
-        async with _translated_errors(), self._pool.acquire() as conn, conn.transaction():
+        async with translated_errors(), self._pool.acquire() as conn, conn.transaction():
             model_id = await self._lock_model(conn, model)
             target = await conn.fetchval(
                 "SELECT status FROM model_versions WHERE model_id = $1 AND version = $2", model_id, version
@@ -395,7 +375,7 @@ class RegistryStore:
         return _alias(row)
 
     async def delete_alias(self, model: str, alias: str, expected_version: int | None, actor: str) -> None:
-        async with _translated_errors(), self._pool.acquire() as conn, conn.transaction():
+        async with translated_errors(), self._pool.acquire() as conn, conn.transaction():
             model_id = await self._lock_model(conn, model)
             current = await self._current_alias(conn, model_id, alias, expected_version)
             if current == 0:
@@ -404,7 +384,7 @@ class RegistryStore:
             await self._audit(conn, model_id, model, alias, current, 0, actor)
 
     async def list_aliases(self, model: str) -> list[Alias]:
-        async with _translated_errors():
+        async with translated_errors():
             rows = await self._pool.fetch(
                 """SELECT m.name AS model, a.alias, a.version, a.update_time, a.updated_by
                    FROM aliases a JOIN models m ON m.id = a.model_id
@@ -414,7 +394,7 @@ class RegistryStore:
         return [_alias(row) for row in rows]
 
     async def get_alias(self, model: str, alias: str) -> Alias | None:
-        async with _translated_errors():
+        async with translated_errors():
             row = await self._pool.fetchrow(
                 """SELECT m.name AS model, a.alias, a.version, a.update_time, a.updated_by
                    FROM aliases a JOIN models m ON m.id = a.model_id
@@ -427,7 +407,7 @@ class RegistryStore:
     async def list_alias_changes(
         self, model: str, alias: str, before_id: int | None, limit: int
     ) -> list[tuple[int, AliasChange]]:
-        async with _translated_errors():
+        async with translated_errors():
             rows = await self._pool.fetch(
                 """SELECT c.id, m.name AS model, c.alias, c.from_version, c.to_version, c.actor,
                           c.create_time
@@ -505,7 +485,7 @@ class RegistryStore:
     # model cards
 
     async def get_card(self, model: str, version: int) -> ModelCard | None:
-        async with _translated_errors():
+        async with translated_errors():
             row = await self._pool.fetchrow(
                 """SELECT c.metrics, c.thresholds, c.description, c.update_time
                    FROM model_cards c JOIN models m ON m.id = c.model_id
@@ -530,7 +510,7 @@ class RegistryStore:
         thresholds = [
             {"output": t.output, "value": t.value, "metrics": dict(t.metrics)} for t in card.thresholds
         ]
-        async with _translated_errors():
+        async with translated_errors():
             status = await self._pool.execute(
                 """INSERT INTO model_cards (model_id, version, metrics, thresholds, description, updated_by)
                    SELECT v.model_id, v.version, $3, $4, $5, $6
@@ -580,12 +560,12 @@ class RegistryStore:
         await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(event_id))
 
     async def head_cursor(self) -> int:
-        async with _translated_errors():
+        async with translated_errors():
             head: int = await self._pool.fetchval("SELECT coalesce(max(id), 0) FROM model_events")
         return head
 
     async def events_after(self, cursor: int, models: Sequence[str], limit: int) -> list[ModelEvent]:
-        async with _translated_errors():
+        async with translated_errors():
             rows = await self._pool.fetch(
                 """SELECT id, type, model, version, alias, previous_version, actor, create_time
                    FROM model_events
