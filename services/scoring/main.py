@@ -35,6 +35,7 @@ from services.scoring.service import ScoringLimits, ScoringService
 from services.scoring.servicer import InferenceServicer
 from services.scoring.settings import ScoringSettings
 from services.scoring.triton_backend import TritonBackend
+from services.scoring.triton_config import TritonBackendKind
 from services.scoring.triton_server import RESTRICTED_HEADER_PREFIX, LocalTriton, gpu_available
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,13 @@ async def _build(
             await local_triton.start()
             closers.append(local_triton.stop)
             url, headers = local_triton.url, local_triton.admin_headers
+        kind = (
+            None
+            if settings.triton_model_backend == "auto"
+            else TritonBackendKind(settings.triton_model_backend)
+        )
         triton = TritonBackend(
-            url, max_message_bytes=settings.mesh.max_message_bytes, admin_headers=headers, gpu=gpu
+            url, max_message_bytes=settings.mesh.max_message_bytes, admin_headers=headers, gpu=gpu, kind=kind
         )
         closers.append(triton.close)
         if local_triton is not None:

@@ -39,6 +39,11 @@ class ScoringSettings:
     triton_repository_key: str
     """SCOREMESH_TRITON_REPOSITORY_KEY: that ``<key>`` (default ``scoremesh-admin``); Triton
     checks it in the ``triton-grpc-protocol-<key>`` header."""
+    triton_model_backend: str
+    """SCOREMESH_TRITON_MODEL_BACKEND: how Triton runs models: ``onnxruntime`` (Triton's own
+    backend), ``python`` (a generated python model running onnxruntime), or ``auto`` (the
+    default: onnxruntime where the server has that backend, as NGC images do; python
+    otherwise, as in the nvidia-pytriton wheel)."""
     fallback: str
     """SCOREMESH_FALLBACK: ``onnxruntime`` (default): while the breaker around Triton is open,
     onnxruntime in-process serves; ``none``: requests fail fast with UNAVAILABLE."""
@@ -86,6 +91,9 @@ class ScoringSettings:
             triton_url=env.get("SCOREMESH_TRITON_URL") or None,
             triton_repository_secret=env.get("SCOREMESH_TRITON_REPOSITORY_SECRET") or None,
             triton_repository_key=env_str(env, "SCOREMESH_TRITON_REPOSITORY_KEY", ADMIN_KEY),
+            triton_model_backend=env_str(
+                env, "SCOREMESH_TRITON_MODEL_BACKEND", "auto", choices=("auto", "python", "onnxruntime")
+            ),
             fallback=env_str(env, "SCOREMESH_FALLBACK", "onnxruntime", choices=FALLBACKS),
             breaker_failures=env_int(env, "SCOREMESH_BREAKER_FAILURES", 3, minimum=1),
             breaker_open_s=env_float(env, "SCOREMESH_BREAKER_OPEN_S", 2.0, minimum=0.01),

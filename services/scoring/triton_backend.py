@@ -43,6 +43,10 @@ LOAD_TIMEOUT_S: Final = 300.0
 ADMIN_TIMEOUT_S: Final = 30.0
 HEALTH_TIMEOUT_S: Final = 2.0
 _RECONNECT_POLL_S: Final = 0.05
+# what Triton answers, as INTERNAL, once a python-backend model's stub process has died
+_STUB_DIED: Final = "is not healthy"
+# what Triton answers when a model config names a backend the server was built without
+_NO_BACKEND: Final = "unable to find backend library"
 
 # Reconnect quickly after Triton restarts (gRPC's default backoff grows to two minutes);
 # calls during an outage still fail at once, as UNAVAILABLE, since they do not wait for ready.
@@ -58,7 +62,9 @@ class TritonBackend:
 
     ``max_message_bytes`` is the scoring service's gRPC message limit, used both ways on the
     channel to Triton. ``admin_headers`` unlock Triton's model-repository API
-    (``LocalTriton.admin_headers``). ``gpu`` asks for ``KIND_GPU`` instances."""
+    (``LocalTriton.admin_headers``). ``gpu`` asks for ``KIND_GPU`` instances. ``kind`` None
+    uses Triton's onnxruntime backend when the server has one and the python backend (which
+    runs onnxruntime in a stub process) otherwise."""
 
     name = "triton"
 
@@ -69,7 +75,7 @@ class TritonBackend:
         max_message_bytes: int,
         admin_headers: Mapping[str, str] | None = None,
         gpu: bool = False,
-        kind: TritonBackendKind = TritonBackendKind.PYTHON,
+        kind: TritonBackendKind | None = TritonBackendKind.PYTHON,
         instance_count: int = 1,
         queue_delay_us: int = triton_config.DEFAULT_QUEUE_DELAY_US,
         load_timeout_s: float = LOAD_TIMEOUT_S,
@@ -78,6 +84,8 @@ class TritonBackend:
         self._max_message_bytes = max_message_bytes
         self._admin_headers = dict(admin_headers or {})
         self._gpu = gpu
+        # None: Triton's onnxruntime backend where the server has it, else the python one,
+        # learnt from the first load
         self._kind = kind
         self._instance_count = instance_count
         self._queue_delay_us = queue_delay_us
@@ -85,10 +93,17 @@ class TritonBackend:
         self._client = self._connect(url)
         self._loaded: dict[tuple[str, int], LoadedVersion] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._repairing: set[tuple[str, int]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
         return self._url
+
+    @property
+    def kind(self) -> TritonBackendKind | None:
+        """How Triton runs the models; None until the first load has found out."""
+        return self._kind
 
     @property
     def loaded(self) -> frozenset[tuple[str, int]]:
@@ -150,6 +165,9 @@ class TritonBackend:
         return await self._infer(version, inputs, outputs, timeout_s=timeout_s, headers=trace_headers)
 
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._client.close()
 
     # beyond the protocol
@@ -193,33 +211,51 @@ class TritonBackend:
 
     # internals
 
+    def _repair(self, version: LoadedVersion) -> None:
+        """Reloads a version whose python-backend stub died. Triton never restarts such a stub
+        by itself and keeps calling the model ready, while every inference fails after a
+        second; a load of the unchanged model does nothing, so it is unloaded first."""
+        if version.key in self._repairing:
+            return
+        self._repairing.add(version.key)
+        task = asyncio.ensure_future(self._reload_one(version))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload_one(self, version: LoadedVersion) -> None:
+        name = triton_config.triton_model_name(version.model, version.version)
+        try:
+            async with self._lock(version.key):
+                if self._loaded.get(version.key) is not version:
+                    return
+                log.warning("the python backend stub of %s died; reloading it into Triton", name)
+                await self._client.unload_model(
+                    name, headers=self._admin_headers, client_timeout=ADMIN_TIMEOUT_S
+                )
+                await self._load_into_triton(version)
+                log.info("reloaded %s into Triton", name)
+        except (MeshError, InferenceServerException) as exc:
+            log.error("reloading %s into Triton failed: %s", name, exc)
+        finally:
+            self._repairing.discard(version.key)
+
     def _lock(self, key: tuple[str, int]) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
 
     async def _load_into_triton(self, version: LoadedVersion) -> None:
         name = triton_config.triton_model_name(version.model, version.version)
         try:
-            config = triton_config.model_config_json(
-                version,
-                gpu=self._gpu,
-                kind=self._kind,
-                instance_count=self._instance_count,
-                queue_delay_us=self._queue_delay_us,
-            )
-        except ValueError as exc:
-            raise InvalidArgument(str(exc), reason="UNSUPPORTED_SIGNATURE") from None
-        try:
-            await self._client.load_model(
-                name,
-                config=config,
-                files=triton_config.model_files(version, self._kind),
-                headers=self._admin_headers,
-                client_timeout=self._load_timeout_s,
-            )
+            await self._send_model(name, version, self._kind or TritonBackendKind.ONNXRUNTIME)
+            self._kind = self._kind or TritonBackendKind.ONNXRUNTIME
         except InferenceServerException as exc:
-            raise Unavailable(
-                f"Triton could not load {name}: {exc.message()}", reason="TRITON_LOAD_FAILED"
-            ) from None
+            if self._kind is not None or _NO_BACKEND not in (exc.message() or ""):
+                raise _load_failed(name, exc) from None
+            log.info("Triton at %s has no onnxruntime backend; models run in its python backend", self._url)
+            self._kind = TritonBackendKind.PYTHON
+            try:
+                await self._send_model(name, version, self._kind)
+            except InferenceServerException as retry:
+                raise _load_failed(name, retry) from None
         try:
             sample = tensors.sample_inputs(version.signature)
             await self._infer(version, sample, (), timeout_s=self._load_timeout_s, headers=None)
@@ -228,6 +264,25 @@ class TritonBackend:
                 f"Triton loaded {name} but its canary inference failed: {exc.message}",
                 reason="TRITON_CANARY_FAILED",
             ) from None
+
+    async def _send_model(self, name: str, version: LoadedVersion, kind: TritonBackendKind) -> None:
+        try:
+            config = triton_config.model_config_json(
+                version,
+                gpu=self._gpu,
+                kind=kind,
+                instance_count=self._instance_count,
+                queue_delay_us=self._queue_delay_us,
+            )
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), reason="UNSUPPORTED_SIGNATURE") from None
+        await self._client.load_model(
+            name,
+            config=config,
+            files=triton_config.model_files(version, kind),
+            headers=self._admin_headers,
+            client_timeout=self._load_timeout_s,
+        )
 
     async def _infer(
         self,
@@ -256,6 +311,8 @@ class TritonBackend:
                 headers=dict(headers) if headers else None,
             )
         except InferenceServerException as exc:
+            if _STUB_DIED in (exc.message() or "") and version.key in self._loaded:
+                self._repair(version)
             raise translate_error(exc, name, loaded=version.key in self._loaded) from None
         arrays: dict[str, Array] = {}
         for output in wanted:
@@ -285,6 +342,10 @@ def _infer_input(name: str, array: Array, spec: TensorSpec | None, batching: boo
     except InferenceServerException as exc:
         raise InvalidArgument.for_field(f"inputs.{name}", exc.message()) from None
     return infer_input
+
+
+def _load_failed(name: str, exc: InferenceServerException) -> Unavailable:
+    return Unavailable(f"Triton could not load {name}: {exc.message()}", reason="TRITON_LOAD_FAILED")
 
 
 def translate_error(exc: InferenceServerException, model_name: str, *, loaded: bool) -> MeshError:

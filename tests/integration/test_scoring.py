@@ -590,3 +590,49 @@ async def test_killing_triton_without_fallback_fails_fast_then_recovers(
             return backend == "triton"
 
         await eventually(recovered, timeout_s=60)
+
+
+def _children(pid: int | None) -> list[int]:
+    assert pid is not None
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
+async def test_a_dead_python_stub_makes_the_model_unready_until_it_is_reloaded(
+    registry: RunningRegistry, module_db: str, tmp_path: Path
+) -> None:
+    """Triton keeps saying model-ready while every inference fails once the python backend's
+    stub died; the scoring service's readiness runs a real inference, and the version is
+    reloaded into Triton."""
+    data = onnx_factory.tiny_classifier(seed=42)
+    await publish(registry, ALICE, "stub", data)
+    env = scoring_env(tmp_path, module_db, registry.address, SCOREMESH_FALLBACK="none")
+    async with running_scoring(env) as running:
+        triton = running.scoring.local_triton
+        assert triton is not None
+        request = infer_request("stub", {"input": np.ones((1, 4), np.float32)})
+        await _infer(running, request)
+        ready = pb.ModelReadyRequest(name="stub")
+        assert (await running.stub.ModelReady(ready, metadata=ALICE.metadata(), timeout=30)).ready
+        stubs = _children(triton.pid)
+        assert stubs, "the python backend runs the model in a stub process"
+        for pid in stubs:
+            os.kill(pid, signal.SIGKILL)
+
+        assert not (await running.stub.ModelReady(ready, metadata=ALICE.metadata(), timeout=30)).ready
+
+        async def served_by_triton() -> bool:
+            try:
+                response = await _infer(running, request)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                return False
+            backend: str = response.parameters["backend"].string_param
+            return backend == "triton"
+
+        await eventually(served_by_triton, timeout_s=60)
+        assert (await running.stub.ModelReady(ready, metadata=ALICE.metadata(), timeout=30)).ready

@@ -25,7 +25,7 @@ from services.mesh.errors import DeadlineExceeded, InvalidArgument, NotFound, Un
 from services.registry.domain import Signature, TensorSpec
 from services.scoring.backend import Array, LoadedVersion
 from services.scoring.triton_backend import TritonBackend, translate_error
-from services.scoring.triton_config import triton_model_name
+from services.scoring.triton_config import TritonBackendKind, triton_model_name
 from services.scoring.triton_server import (
     STUB_NAME,
     LocalTriton,
@@ -254,6 +254,24 @@ async def test_two_versions_of_one_model_serve_side_by_side(backend: TritonBacke
 
 
 # errors
+
+
+async def test_without_an_onnxruntime_backend_models_run_in_the_python_backend(triton: LocalTriton) -> None:
+    """Asked to choose (``kind=None``), the backend tries Triton's onnxruntime backend, which
+    the wheel's Triton lacks, and settles on the python backend for this and later loads."""
+    backend = TritonBackend(
+        triton.url, max_message_bytes=MAX_MESSAGE_BYTES, admin_headers=triton.admin_headers, kind=None
+    )
+    try:
+        version = _classifier(model="auto-kind")
+        await backend.load(version)
+        rows = {"input": np.ones((2, 4), np.float32)}
+        got = await backend.infer(version, rows, (), timeout_s=30)
+        np.testing.assert_allclose(got["probabilities"], _direct(version, rows)["probabilities"], rtol=1e-5)
+        assert backend.kind is TritonBackendKind.PYTHON
+    finally:
+        await backend.unload("auto-kind", 1)
+        await backend.close()
 
 
 async def test_unloaded_version_is_not_found(backend: TritonBackend, triton: LocalTriton) -> None:
