@@ -83,7 +83,6 @@ async def _build(
 
     local_triton: LocalTriton | None = None
     primary: Backend = onnxruntime
-    fallback: Backend | None = None
     breaker: CircuitBreaker | None = None
     if settings.backend == "triton":
         gpu = gpu_available() if settings.gpu is None else settings.gpu
@@ -111,9 +110,8 @@ async def _build(
         if local_triton is not None:
             local_triton.on_restart = triton.reload_all
         primary = triton
-        fallback = onnxruntime if settings.fallback == "onnxruntime" else None
         breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_open_s, name="triton")
-    backends = BackendSet(primary, fallback, breaker)
+    backends = BackendSet(primary, onnxruntime, settings.fallback == "onnxruntime", breaker)
 
     channel = open_channel(settings.registry_addr, settings.mesh, retry_services=[REGISTRY_SERVICE])
     closers.append(lambda: channel.close(None))

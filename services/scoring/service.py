@@ -18,7 +18,6 @@ import numpy as np
 
 from services.mesh.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
 from services.mesh.identity import Caller
-from services.registry.domain import TensorSpec
 from services.scoring import tensors
 from services.scoring.backend import Array, Backend, LoadedVersion
 from services.scoring.backends import BackendSet
@@ -132,12 +131,12 @@ class ScoringService:
     async def _execute(
         self, version: LoadedVersion, inputs: dict[str, Array], outputs: Sequence[str], deadline: float
     ) -> Served:
-        backend = self._backends.choose()
+        backend = self._backends.choose(version)
         try:
             return await self._submit(backend, version, inputs, outputs, deadline)
         except Unavailable:
-            fallback = self._backends.fallback
-            if backend is fallback or fallback is None:
+            fallback = self._backends.fallback_for(backend)
+            if fallback is None:
                 raise
             # the batch failed on the primary (it died under us): the request runs again
             # in-process instead of failing
@@ -182,7 +181,7 @@ class ScoringService:
 
     async def server_ready(self) -> bool:
         """Ready when requests can be served: the primary answers, or a fallback stands in."""
-        if self._backends.fallback is not None:
+        if self._backends.fallback:
             return True
         return await self._backends.healthy()
 
@@ -209,7 +208,7 @@ class ScoringService:
         if last is not None and now - last.at < max_age:
             return last.ok
         try:
-            backend = self._backends.choose()
+            backend = self._backends.choose(version)
             await self._backends.run(backend, version, tensors.sample_inputs(version.signature), (), 10.0)
             ok = True
         except MeshError as error:
@@ -222,36 +221,15 @@ class ScoringService:
         self, caller: Caller, model: str, model_version: str
     ) -> pb.ModelMetadataResponse:
         async with self._router.lease(caller, model, model_version) as version:
-            return _model_metadata(version)
+            return tensors.model_metadata(version)
 
     async def check_loaded(self) -> None:
         """One round of canaries over every loaded version (run periodically)."""
         for version in self._router.loaded():
             await self.canary(version, max_age_s=0)
 
-    @property
-    def backend_names(self) -> Mapping[str, str]:
-        primary = self._backends.primary.name
-        fallback = self._backends.fallback.name if self._backends.fallback else "none"
-        return {"primary": primary, "fallback": fallback}
-
 
 def _batch_shape(inputs: Mapping[str, Array]) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
     """What requests must share to be stacked along axis 0: each input's dtype and the
     dimensions after the batch axis."""
     return tuple((name, array.dtype.str, array.shape[1:]) for name, array in sorted(inputs.items()))
-
-
-def _model_metadata(version: LoadedVersion) -> pb.ModelMetadataResponse:
-    def tensor(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
-        return pb.ModelMetadataResponse.TensorMetadata(
-            name=spec.name, datatype=spec.datatype, shape=spec.shape
-        )
-
-    return pb.ModelMetadataResponse(
-        name=version.model,
-        versions=[str(version.version)],
-        platform="onnxruntime_onnx",
-        inputs=[tensor(spec) for spec in version.signature.inputs],
-        outputs=[tensor(spec) for spec in version.signature.outputs],
-    )

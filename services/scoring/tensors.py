@@ -26,7 +26,7 @@ import numpy as np
 
 from services.mesh.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from services.registry.domain import Signature, TensorSpec
-from services.scoring.backend import Array
+from services.scoring.backend import Array, LoadedVersion
 from services.scoring.oip import pb
 
 BYTES: Final = "BYTES"
@@ -500,6 +500,20 @@ def encode_response(
         raw_contents.append(raw_bytes(array))
     response.raw_output_contents.extend(raw_contents)
     return response
+
+
+def model_metadata(version: LoadedVersion) -> pb.ModelMetadataResponse:
+    """ModelMetadata for a version: its signature, -1 for every variable dimension."""
+    metadata = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=version.model,
+        versions=[str(version.version)],
+        platform="onnxruntime_onnx",
+        inputs=[metadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in version.signature.inputs],
+        outputs=[
+            metadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in version.signature.outputs
+        ],
+    )
 
 
 def _set_parameter(parameter: pb.InferParameter, value: str | int | bool | float) -> None:

@@ -98,6 +98,11 @@ def model_config(
     is left out of ``dims`` (Triton adds it back) and dynamic batching is on. ``gpu`` picks
     ``KIND_GPU`` instances over ``KIND_CPU``."""
     batching = version.max_batch_size > 0
+    if kind is TritonBackendKind.PYTHON:
+        bf16 = [t.name for t in version.signature.inputs + version.signature.outputs if t.datatype == "BF16"]
+        if bf16:
+            # the python backend hands tensors over as numpy arrays, and numpy has no bfloat16
+            raise ValueError(f"Triton's python backend cannot pass BF16 tensors ({', '.join(bf16)})")
     config: dict[str, Any] = {
         "name": triton_model_name(version.model, version.version),
         "max_batch_size": max(0, version.max_batch_size),

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -161,6 +162,7 @@ async def test_typed_and_raw_contents_give_the_same_answer(scoring: RunningScori
     ("datatype", "values"),
     [
         ("FP16", np.array([[1.5, -2.25], [0.0, 65504.0]], np.float16)),
+        ("BF16", np.array([[1.5, -2.25], [0.0, 3.0e38]], ml_dtypes.bfloat16)),
         ("FP64", np.array([[1e-300, 2.0]], np.float64)),
         ("INT8", np.array([[-128, 127]], np.int8)),
         ("INT32", np.array([[-(2**31), 2**31 - 1]], np.int32)),
@@ -178,10 +180,13 @@ async def test_triton_outputs_equal_onnxruntime_for_every_dtype(
     data = onnx_factory.identity_model(datatype, ("batch", 2))
     await publish(registry, ALICE, model, data)
     response = await _infer(scoring, infer_request(model, {"input": values}))
-    assert response.parameters["backend"].string_param == "triton"
+    # the python backend of the wheel's Triton cannot pass BF16: such versions run in-process
+    expected_backend = "onnxruntime" if datatype == "BF16" else "triton"
+    assert response.parameters["backend"].string_param == expected_backend
     assert response.outputs[0].datatype == datatype
     got = outputs_of(response)["output"]
-    expected = _direct(data, {"input": values})["output"]
+    # an identity: onnxruntime's Python API cannot take BF16 numpy arrays to check it directly
+    expected = values if datatype == "BF16" else _direct(data, {"input": values})["output"]
     assert got.shape == expected.shape
     assert got.tolist() == expected.tolist()
 

@@ -96,7 +96,7 @@ def test_every_datatype_maps_to_its_triton_type(datatype: str, triton_type: str)
         inputs=(TensorSpec("x", datatype, (-1, 2)),), outputs=(TensorSpec("y", datatype, (-1, 2)),)
     )
 
-    config = model_config(version, gpu=False)
+    config = model_config(version, gpu=False, kind=TritonBackendKind.ONNXRUNTIME)
 
     assert config["input"][0]["data_type"] == triton_type
     assert config["output"][0]["data_type"] == triton_type
@@ -185,3 +185,12 @@ def test_model_names_decode_back_to_model_and_version() -> None:
 def test_model_names_need_a_positive_version() -> None:
     with pytest.raises(ValueError, match="positive"):
         triton_model_name("a", 0)
+
+
+def test_the_python_backend_refuses_bf16_signatures() -> None:
+    signature = Signature((TensorSpec("x", "BF16", (-1, 2)),), (TensorSpec("y", "BF16", (-1, 2)),))
+    version = LoadedVersion("m", 1, "0" * 64, signature, b"", 8)
+    with pytest.raises(ValueError, match="BF16"):
+        model_config(version, gpu=False, kind=TritonBackendKind.PYTHON)
+    config = model_config(version, gpu=False, kind=TritonBackendKind.ONNXRUNTIME)
+    assert config["input"][0]["data_type"] == "TYPE_BF16"
