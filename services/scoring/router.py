@@ -293,6 +293,9 @@ class ModelRouter:
                     self._on_event(watch_caller, event)
             except grpc.aio.AioRpcError as error:
                 log.warning("registry watch for tenant %s ended: %s", caller.tenant, error.code().name)
+            except Exception:
+                # following must outlive any one surprise, or aliases would silently go stale
+                log.exception("registry watch for tenant %s failed", caller.tenant)
             failures += 1
             self.stats.watch_reconnects += 1
             # the stream ended or failed: anything may have moved while it was down
