@@ -38,6 +38,7 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.registry
+	$(BIN)/python -m bench.scoring
 
 clean:
 	rm -rf $(VENV)
