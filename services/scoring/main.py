@@ -124,8 +124,7 @@ async def _build(
     batcher = Batcher(
         max_batch_rows=settings.max_batch_size,
         max_queue_delay_s=settings.max_queue_delay_s,
-        # one batch runs while the next one forms
-        max_concurrent_batches=2,
+        max_concurrent_batches=settings.max_concurrent_batches,
         timeout_cap_s=settings.mesh.default_deadline_s,
     )
     closers.append(batcher.close)

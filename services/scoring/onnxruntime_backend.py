@@ -238,6 +238,9 @@ class OnnxRuntimeBackend:
     def _build(self, version: LoadedVersion, cost: int) -> _Session:
         """Creates a session (on a worker thread)."""
         options = ort.SessionOptions()
+        # idle intra-op threads spin by default, taking the CPU the event loop needs to
+        # accept and batch the next requests
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self._intra_op_threads:
             options.intra_op_num_threads = self._intra_op_threads
         providers = [_CUDA, _CPU] if self._cuda else [_CPU]

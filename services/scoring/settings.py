@@ -53,6 +53,9 @@ class ScoringSettings:
     """SCOREMESH_BREAKER_OPEN_S: how long the breaker stays open before one probe (default 2)."""
     max_batch_size: int
     """SCOREMESH_MAX_BATCH_SIZE: rows in one backend call (default 64; 0 disables batching)."""
+    max_concurrent_batches: int
+    """SCOREMESH_MAX_CONCURRENT_BATCHES: backend calls in flight per model version (default 1:
+    requests that arrive while one runs form the next batch, so batches grow with load)."""
     max_queue_delay_s: float
     """SCOREMESH_MAX_QUEUE_DELAY_MS (read in ms): how long a request may wait for company when
     the backend is free (default 0: an idle backend runs at once; under load requests coalesce
@@ -98,6 +101,7 @@ class ScoringSettings:
             breaker_failures=env_int(env, "SCOREMESH_BREAKER_FAILURES", 3, minimum=1),
             breaker_open_s=env_float(env, "SCOREMESH_BREAKER_OPEN_S", 2.0, minimum=0.01),
             max_batch_size=env_int(env, "SCOREMESH_MAX_BATCH_SIZE", 64, minimum=0, maximum=65536),
+            max_concurrent_batches=env_int(env, "SCOREMESH_MAX_CONCURRENT_BATCHES", 1, minimum=1, maximum=64),
             max_queue_delay_s=env_float(env, "SCOREMESH_MAX_QUEUE_DELAY_MS", 0.0, minimum=0.0) / 1000,
             max_request_bytes=env_bytes(env, "SCOREMESH_MAX_REQUEST_BYTES", 16 * 1024**2, minimum=1024),
             cache_bytes=env_bytes(env, "SCOREMESH_CACHE_BYTES", 0),

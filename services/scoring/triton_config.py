@@ -228,6 +228,8 @@ class TritonPythonModel:
             providers = [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # spinning intra-op threads would take CPU that Triton's own threads need
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.string_inputs = {i.name for i in self.session.get_inputs() if i.type == "tensor(string)"}
