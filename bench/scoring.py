@@ -43,7 +43,11 @@ from services.mesh.settings import MeshSettings
 from services.registry.client import RegistryClient
 from services.registry.converters import signature_from_pb
 from services.scoring.backend import LoadedVersion
+from services.scoring.main import build_scoring
+from services.scoring.oip import pb
 from services.scoring.router import batch_size_for
+from services.scoring.service import ScoringService
+from services.scoring.settings import ScoringSettings
 from services.scoring.triton_backend import TritonBackend
 from services.scoring.triton_config import triton_model_name
 from services.scoring.triton_server import LocalTriton, gpu_available, listening_port
@@ -63,6 +67,7 @@ SETUPS: Final = {
     "a": "tritonclient -> Triton",
     "b": "tritonclient -> scoring -> Triton",
     "c": "tritonclient -> scoring (onnxruntime)",
+    "d": "the scoring data plane on onnxruntime, called in process (no gRPC)",
 }
 
 
@@ -518,6 +523,70 @@ async def bench_scoring(
         return await bench_target(target, models, versions, limits)
 
 
+async def bench_data_plane(
+    workdir: Path, database_url: str, registry_address: str, models: list[BenchModel], limits: Limits
+) -> dict[str, Any]:
+    """(d) what the scoring service's own Python costs, without gRPC in front: the data plane
+    (route, validate, batch, onnxruntime, split, respond) called in this process by 64
+    coroutines. The difference to (c) is what the gRPC front door costs."""
+    env = {
+        "SCOREMESH_HOME": str(workdir / "data-plane"),
+        "SCOREMESH_DATABASE_URL": database_url,
+        "SCOREMESH_SCORING_PORT": "0",
+        "SCOREMESH_REGISTRY_ADDR": registry_address,
+        "SCOREMESH_SCORING_BACKEND": "onnxruntime",
+        "SCOREMESH_PREDICTION_LOG_RATE": "0",
+        "SCOREMESH_CANARY_INTERVAL_S": "0",
+        "SCOREMESH_LOG_LEVEL": "WARNING",
+        "SCOREMESH_MAX_BATCH_SIZE": str(MAX_BATCH_SIZE),
+    }
+    settings = ScoringSettings.from_env(env)
+    scoring = await build_scoring(settings, database_url)
+    results: dict[str, Any] = {}
+    try:
+        for model in models:
+            request = pb.ModelInferRequest(model_name=model.name)
+            row = np.ones((1, model.features), np.float32)
+            request.inputs.add(name="input", datatype="FP32", shape=row.shape)
+            request.raw_input_contents.append(row.tobytes())
+            stats = scoring.batcher.stats
+            for _ in range(limits.warmup_requests):
+                await scoring.service.infer(CALLER, request, 30.0)
+            done_before, executions_before = stats.requests, stats.executions
+            elapsed, cpu = await _drive(scoring.service, request, limits)
+            done = stats.requests - done_before
+            results[model.key] = {
+                "concurrency": 64,
+                "requests": done,
+                "req_per_s": round(done / elapsed, 1),
+                "cpu_us_per_req": round(cpu / done * 1e6, 1),
+                "batch_size": round(done / max(1, stats.executions - executions_before), 2),
+            }
+            print(f"{model.key:<6} (d)     64 {results[model.key]}", flush=True)
+    finally:
+        await scoring.close()
+    return results
+
+
+async def _drive(
+    service: ScoringService, request: pb.ModelInferRequest, limits: Limits
+) -> tuple[float, float]:
+    """Sends ``request`` from 64 coroutines until the run's count or time is up; returns the
+    wall and CPU seconds it took."""
+    remaining = limits.requests
+    deadline = time.monotonic() + limits.time_limit_s
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0 and time.monotonic() < deadline:
+            remaining -= 1
+            await service.infer(CALLER, request, 30.0)
+
+    cpu, started = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(64)))
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
 # reporting
 
 
@@ -589,6 +658,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         runs += await bench_scoring(
                             setup, backend, workdir, database_url, registry.address, models, versions, limits
                         )
+                data_plane = (
+                    await bench_data_plane(workdir, database_url, registry.address, models, limits)
+                    if "d" in args.setups
+                    else {}
+                )
     summaries = {model.key: goals(runs, model.key) for model in models}
     print_table(runs, models, summaries)
     return {
@@ -600,6 +674,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "server CPU = scoring process + tritonserver + python backend stubs, client CPU = this process",
         "models": {model.key: model.description for model in models},
         "runs": [asdict(run) for run in runs],
+        "data_plane": data_plane,
         "goals": summaries,
     }
 

@@ -57,9 +57,10 @@ class ScoringSettings:
     """SCOREMESH_MAX_CONCURRENT_BATCHES: backend calls in flight per model version (default 1:
     requests that arrive while one runs form the next batch, so batches grow with load)."""
     max_queue_delay_s: float
-    """SCOREMESH_MAX_QUEUE_DELAY_MS (read in ms): how long a request may wait for company when
-    the backend is free (default 0: an idle backend runs at once; under load requests coalesce
-    while the previous batch runs)."""
+    """SCOREMESH_MAX_QUEUE_DELAY_MS (read in ms): the most a small batch is held open while the
+    backend is free and requests keep arriving; it closes at the first moment none arrives
+    (default 0: an idle backend runs at once; under load requests coalesce while the previous
+    batch runs)."""
     max_request_bytes: int
     """SCOREMESH_MAX_REQUEST_BYTES: the largest decoded request (default 16MiB); larger ones
     get RESOURCE_EXHAUSTED."""
