@@ -19,13 +19,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from services.mesh.channels import open_channel
 from services.mesh.identity import Caller
-from services.mesh.postgres import EmbeddedPostgres
+from services.mesh.postgres import database, resolve_database_url
 from services.mesh.server import address_file
 from services.mesh.settings import MeshSettings
 from services.registry.client import Reference, RegistryClient
@@ -39,16 +39,6 @@ START_TIMEOUT_S = 120.0
 def _percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-@contextlib.contextmanager
-def _database(root: Path) -> Iterator[str]:
-    url = os.environ.get("SCOREMESH_DATABASE_URL") or os.environ.get("DATABASE_URL")
-    if url:
-        yield url
-        return
-    with EmbeddedPostgres(root / "postgres") as cluster:
-        yield cluster.dsn
 
 
 async def _wait_for_file(path: Path, process: asyncio.subprocess.Process, timeout: float) -> str:
@@ -182,16 +172,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="scoremesh-bench-") as tmp:
         workdir = Path(tmp)
-        with _database(workdir) as database_url:
-            async with (
-                _registry_process(workdir / "home", database_url) as address,
-                open_channel(address, MeshSettings.from_env({})) as channel,
-            ):
-                client = RegistryClient(channel, CALLER)
-                results["upload"] = await bench_upload(client, workdir, args.size_mb)
-                print("upload", results["upload"], flush=True)
-                results["resolve"] = await bench_resolve(client, 16, args.requests, args.time_limit_s)
-                print("resolve", results["resolve"], flush=True)
+        async with (
+            database(resolve_database_url(os.environ), workdir) as database_url,
+            _registry_process(workdir / "home", database_url) as address,
+            open_channel(address, MeshSettings.from_env({})) as channel,
+        ):
+            client = RegistryClient(channel, CALLER)
+            results["upload"] = await bench_upload(client, workdir, args.size_mb)
+            print("upload", results["upload"], flush=True)
+            results["resolve"] = await bench_resolve(client, 16, args.requests, args.time_limit_s)
+            print("resolve", results["resolve"], flush=True)
         results["up"] = bench_up(workdir)
         print("up", results["up"], flush=True)
     return results

@@ -25,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -37,7 +37,7 @@ from tritonclient.grpc import InferInput
 
 from services.mesh.channels import open_channel
 from services.mesh.identity import Caller
-from services.mesh.postgres import EmbeddedPostgres
+from services.mesh.postgres import database, resolve_database_url
 from services.mesh.server import address_file
 from services.mesh.settings import MeshSettings
 from services.registry.client import RegistryClient
@@ -211,16 +211,6 @@ def child_named(pid: int, command: str) -> int:
 
 
 # processes
-
-
-@contextlib.contextmanager
-def _database(root: Path) -> Iterator[str]:
-    url = os.environ.get("SCOREMESH_DATABASE_URL") or os.environ.get("DATABASE_URL")
-    if url:
-        yield url
-        return
-    with EmbeddedPostgres(root / "postgres") as cluster:
-        yield cluster.dsn
 
 
 async def _stop(process: asyncio.subprocess.Process) -> None:
@@ -646,7 +636,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="scoremesh-bench-") as tmp:
         workdir = Path(tmp)
-        with _database(workdir) as database_url:
+        async with database(resolve_database_url(os.environ), workdir) as database_url:
             registry_env = {"SCOREMESH_DATABASE_URL": database_url, "SCOREMESH_REGISTRY_PORT": "0"}
             async with service_process("registry", workdir / "registry", registry_env) as registry:
                 versions = await publish(registry.address, models, workdir)

@@ -521,6 +521,18 @@ async def test_onnxruntime_backend_and_the_response_cache(
 # Triton failures
 
 
+async def _served_by_triton(scoring: RunningScoring, request: pb.ModelInferRequest) -> bool:
+    """Whether Triton serves ``request`` now; UNAVAILABLE (still recovering) is a no."""
+    try:
+        response = await _infer(scoring, request)
+    except grpc.aio.AioRpcError as error:
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return False
+    backend: str = response.parameters["backend"].string_param
+    return backend == "triton"
+
+
 async def _kill(pid: int | None) -> None:
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
@@ -584,17 +596,7 @@ async def test_killing_triton_without_fallback_fails_fast_then_recovers(
             assert "triton" in (error.details() or "").lower()
         assert slowest < 0.1
 
-        async def recovered() -> bool:
-            try:
-                response = await _infer(running, request)
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                return False
-            backend: str = response.parameters["backend"].string_param
-            return backend == "triton"
-
-        await eventually(recovered, timeout_s=60)
+        await eventually(lambda: _served_by_triton(running, request), timeout_s=60)
 
 
 def _children(pid: int | None) -> list[int]:
@@ -629,15 +631,5 @@ async def test_a_dead_python_stub_makes_the_model_unready_until_it_is_reloaded(
 
         assert not (await running.stub.ModelReady(ready, metadata=ALICE.metadata(), timeout=30)).ready
 
-        async def served_by_triton() -> bool:
-            try:
-                response = await _infer(running, request)
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                return False
-            backend: str = response.parameters["backend"].string_param
-            return backend == "triton"
-
-        await eventually(served_by_triton, timeout_s=60)
+        await eventually(lambda: _served_by_triton(running, request), timeout_s=60)
         assert (await running.stub.ModelReady(ready, metadata=ALICE.metadata(), timeout=30)).ready
