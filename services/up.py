@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 from services.mesh.postgres import EmbeddedPostgres, resolve_database_url
 from services.mesh.server import address_file
-from services.mesh.settings import MeshSettings
+from services.mesh.settings import INTERNAL_TOKEN_FILE, MeshSettings
 from services.mesh.supervisor import ProcessSpec, Supervisor
 from services.mesh.telemetry import configure_logging
 from services.registry.servicer import SERVICE_NAME as REGISTRY_SERVICE
@@ -38,14 +39,33 @@ def _service(name: str, mesh: MeshSettings, health_service: str, env: dict[str, 
     )
 
 
-def _service_stages(mesh: MeshSettings, database_url: str) -> list[Callable[[dict[str, str]], ProcessSpec]]:
+def ensure_internal_token(mesh: MeshSettings) -> str:
+    """The mesh's internal token: the configured one, or a new one written (mode 0600) to
+    ``$SCOREMESH_HOME/internal.token``, where the CLI finds it."""
+    if mesh.internal_token:
+        return mesh.internal_token
+    token = secrets.token_urlsafe(32)
+    mesh.home.mkdir(parents=True, exist_ok=True)
+    path = mesh.home / INTERNAL_TOKEN_FILE
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    partial.replace(path)
+    return token
+
+
+def _service_stages(
+    mesh: MeshSettings, database_url: str, token: str
+) -> list[Callable[[dict[str, str]], ProcessSpec]]:
     """The services in start order; each stage is built from the addresses of those before
     it (``{name: host:port}``), so any of them may listen on port 0."""
-    database = {"SCOREMESH_DATABASE_URL": database_url}
+    shared = {"SCOREMESH_DATABASE_URL": database_url, "SCOREMESH_INTERNAL_TOKEN": token}
     return [
-        lambda _: _service("registry", mesh, REGISTRY_SERVICE, database),
+        lambda _: _service("registry", mesh, REGISTRY_SERVICE, shared),
         lambda up: _service(
-            "scoring", mesh, INFERENCE_SERVICE, {**database, "SCOREMESH_REGISTRY_ADDR": up["registry"]}
+            "scoring", mesh, INFERENCE_SERVICE, {**shared, "SCOREMESH_REGISTRY_ADDR": up["registry"]}
         ),
     ]
 
@@ -67,7 +87,7 @@ async def run_up() -> int:
     supervisor = Supervisor(stop_timeout_s=mesh.shutdown_grace_s + 5)
     try:
         addresses: dict[str, str] = {}
-        for stage in _service_stages(mesh, database_url):
+        for stage in _service_stages(mesh, database_url, ensure_internal_token(mesh)):
             spec = stage(addresses)
             await supervisor.start(spec)
             ready: asyncio.Future[str] = asyncio.ensure_future(supervisor.wait_healthy(spec, READY_TIMEOUT_S))

@@ -28,6 +28,7 @@ import grpc
 import grpc.aio
 from opentelemetry import propagate
 
+from services.mesh.identity import INTERNAL_HEADER
 from services.mesh.settings import MeshSettings
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ __all__ = [
     "KEEPALIVE_TIME_MS",
     "MeshClientInterceptor",
     "channel_options",
+    "client_interceptors",
     "open_channel",
     "service_config",
 ]
@@ -95,16 +97,23 @@ def channel_options(settings: MeshSettings, *, retry_services: Sequence[str] = (
     return options
 
 
-class MeshClientInterceptor(_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream):
+class MeshClientInterceptor:
     """Gives calls without a timeout the default deadline and sends the current trace
-    context as metadata. One instance serves all four call kinds."""
+    context, and the mesh's internal token when there is one, as metadata.
 
-    def __init__(self, default_deadline_s: float) -> None:
+    grpc.aio files an interceptor under the first call kind it implements only (an
+    ``isinstance`` chain with ``elif``), so one object implementing all four would see unary
+    calls alone: :func:`client_interceptors` makes one instance per kind."""
+
+    def __init__(self, default_deadline_s: float, internal_token: str | None = None) -> None:
         self._default_deadline_s = default_deadline_s
+        self._internal_token = internal_token
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
+        if self._internal_token:
+            carrier[INTERNAL_HEADER] = self._internal_token
         timeout = details.timeout
         if timeout is not None and not carrier:
             return details
@@ -123,21 +132,40 @@ class MeshClientInterceptor(_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStre
             details.wait_for_ready,
         )
 
+
+class _UnaryUnaryInterceptor(MeshClientInterceptor, _UnaryUnary):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
 
+
+class _UnaryStreamInterceptor(MeshClientInterceptor, _UnaryStream):
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
 
+
+class _StreamUnaryInterceptor(MeshClientInterceptor, _StreamUnary):
     async def intercept_stream_unary(
         self, continuation: Any, client_call_details: Any, request_iterator: Any
     ) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
 
+
+class _StreamStreamInterceptor(MeshClientInterceptor, _StreamStream):
     async def intercept_stream_stream(
         self, continuation: Any, client_call_details: Any, request_iterator: Any
     ) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
+
+
+def client_interceptors(settings: MeshSettings) -> list[MeshClientInterceptor]:
+    """The mesh's client interceptor for each of the four call kinds."""
+    kinds = (
+        _UnaryUnaryInterceptor,
+        _UnaryStreamInterceptor,
+        _StreamUnaryInterceptor,
+        _StreamStreamInterceptor,
+    )
+    return [kind(settings.default_deadline_s, settings.internal_token) for kind in kinds]
 
 
 def open_channel(
@@ -146,8 +174,8 @@ def open_channel(
     """An insecure channel to ``target`` (``host:port``) with the mesh's limits, keepalive,
     UNAVAILABLE retries for ``retry_services`` (full names, ``scoremesh.registry.v1.ModelRegistry``),
     default deadline and trace propagation. Use it as ``async with`` or ``await channel.close()``."""
-    # grpc-stubs types this argument as something to cast; grpc.aio takes our interceptor
-    interceptors: list[Any] = [MeshClientInterceptor(settings.default_deadline_s)]
+    # grpc-stubs types this argument as something to cast; grpc.aio takes our interceptors
+    interceptors: list[Any] = list(client_interceptors(settings))
     return grpc.aio.insecure_channel(
         target,
         options=channel_options(settings, retry_services=retry_services),

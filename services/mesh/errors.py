@@ -73,6 +73,20 @@ class InvalidArgument(MeshError):
         return cls(f"{field}: {description}", violations=[FieldViolation(field, description)], reason=reason)
 
 
+MESSAGE_VIOLATIONS = 5
+"""How many field violations an InvalidArgument's message repeats; its details carry all."""
+
+
+def raise_for_violations(violations: Sequence[FieldViolation], *, reason: str | None = None) -> None:
+    """Raises one InvalidArgument carrying every violation, when there is any."""
+    if not violations:
+        return
+    shown = "; ".join(f"{v.field}: {v.description}" for v in violations[:MESSAGE_VIOLATIONS])
+    more = len(violations) - MESSAGE_VIOLATIONS
+    message = shown + (f"; and {more} more" if more > 0 else "")
+    raise InvalidArgument(message, violations=violations, reason=reason)
+
+
 class NotFound(MeshError):
     code_name = "NOT_FOUND"
     default_reason = "NOT_FOUND"

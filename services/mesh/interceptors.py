@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import hmac
 import inspect
 import itertools
 import logging
@@ -26,7 +27,8 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.status import Status, StatusCode
 
-from services.mesh.errors import MeshError
+from services.mesh.errors import MeshError, Unauthenticated
+from services.mesh.identity import INTERNAL_HEADER
 from services.mesh.status import abort, status_code
 from services.mesh.telemetry import REQUEST_ID
 
@@ -56,6 +58,7 @@ _SERVER_FAULTS: Final = frozenset(
 # OpenTelemetry's gRPC conventions: a server span is an error for these codes only
 _SPAN_ERRORS: Final = _SERVER_FAULTS | {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}
 _MAX_REQUEST_ID: Final = 128
+_OPEN_SERVICES: Final = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # a generic handler may answer any method name; don't let the cache grow without bound
 _MAX_CACHED_METHODS: Final = 4096
 
@@ -80,7 +83,7 @@ def remaining_timeout(context: _Context, cap: float) -> float:
 class _Call:
     """What one call needs between its start and its end."""
 
-    __slots__ = ("context_token", "request_token", "span", "start")
+    __slots__ = ("authorized", "context_token", "request_token", "span", "start")
 
     def __init__(
         self,
@@ -88,21 +91,25 @@ class _Call:
         context_token: contextvars.Token[otel_context.Context] | None,
         request_token: contextvars.Token[str | None],
         start: float,
+        authorized: bool,
     ) -> None:
         self.span = span
         self.context_token = context_token
         self.request_token = request_token
         self.start = start
+        self.authorized = authorized
 
 
 class _Method:
     """The per-method half of the interceptor: names, span attributes, the begin/end of a call."""
 
-    __slots__ = ("attributes", "name", "tracer")
+    __slots__ = ("attributes", "name", "token", "tracer")
 
-    def __init__(self, name: str, tracer: trace.Tracer) -> None:
+    def __init__(self, name: str, tracer: trace.Tracer, token: str | None) -> None:
         self.name = name
         self.tracer = tracer
+        # health and reflection answer anyone: probes and tools carry no mesh secret
+        self.token = None if name.startswith(_OPEN_SERVICES) else token
         service, _, method = name.lstrip("/").rpartition("/")
         self.attributes: dict[str, str] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
@@ -110,11 +117,14 @@ class _Method:
         start = time.perf_counter()
         parent: otel_context.Context | None = None
         request_id: str | None = None
+        presented: str | None = None
         metadata = context.invocation_metadata()
         if metadata:
             carrier: dict[str, str] | None = None
             for key, value in metadata:
-                if key in _PROPAGATION_FIELDS:
+                if key == INTERNAL_HEADER and isinstance(value, str):
+                    presented = value
+                elif key in _PROPAGATION_FIELDS:
                     if carrier is None:
                         carrier = {}
                     carrier[key] = value  # type: ignore[assignment]
@@ -129,7 +139,18 @@ class _Method:
             token = otel_context.attach(trace.set_span_in_context(span, parent))
         if request_id is None:
             request_id = f"{_REQUEST_PREFIX}-{next(_request_numbers):x}"
-        return _Call(span, token, REQUEST_ID.set(request_id), start)
+        authorized = self.token is None or (
+            presented is not None and hmac.compare_digest(presented.encode(), self.token.encode())
+        )
+        return _Call(span, token, REQUEST_ID.set(request_id), start, authorized)
+
+    async def refuse(self, call: _Call, context: _Context) -> None:
+        """Ends a call that lacks the mesh's internal token with UNAUTHENTICATED."""
+        refusal = Unauthenticated(
+            "calls inside the mesh must carry its internal token; clients go through the gateway",
+            reason="INTERNAL_TOKEN_REQUIRED",
+        )
+        await self.failed(call, context, refusal)
 
     def end(self, call: _Call, code: grpc.StatusCode, message: str, exc: BaseException | None = None) -> None:
         span = call.span
@@ -213,6 +234,8 @@ def _wrap_coroutine(method: _Method, behaviour: Callable[[Any, _Context], Awaita
     # serves unary responses, and streams written with context.write()
     async def observed(request: Any, context: _Context) -> Any:
         call = method.begin(context)
+        if not call.authorized:
+            await method.refuse(call, context)
         try:
             response = await behaviour(request, context)
         except BaseException as exc:
@@ -229,6 +252,8 @@ def _wrap_async_generator(
 ) -> _Behaviour:
     async def observed(request: Any, context: _Context) -> AsyncIterator[Any]:
         call = method.begin(context)
+        if not call.authorized:
+            await method.refuse(call, context)
         try:
             # aclosing: when the client goes away, the handler's own finally blocks run now
             async with contextlib.aclosing(behaviour(request, context)) as responses:  # type: ignore[type-var]
@@ -263,12 +288,17 @@ class MeshServerInterceptor(_ServerInterceptor):
     * The span (named after the full method, kind SERVER, ``rpc.*`` attributes) continues
       the caller's W3C context from ``traceparent``/``tracestate`` metadata, through the
       OpenTelemetry API only; ``tracer_provider`` defaults to the global one.
+    * With ``internal_token``, a call without that token in ``x-scoremesh-internal`` is
+      refused with UNAUTHENTICATED before its handler runs (health and reflection excepted).
     * Failed calls log at WARNING (ERROR for server faults, INFO when the caller cancelled);
       successes at DEBUG.
     """
 
-    def __init__(self, *, tracer_provider: trace.TracerProvider | None = None) -> None:
+    def __init__(
+        self, *, tracer_provider: trace.TracerProvider | None = None, internal_token: str | None = None
+    ) -> None:
         self._tracer = trace.get_tracer(__name__, tracer_provider=tracer_provider)
+        self._internal_token = internal_token
         self._handlers: dict[
             str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
         ] = {}
@@ -293,7 +323,7 @@ class MeshServerInterceptor(_ServerInterceptor):
     def _wrap_handler(
         self, name: str, handler: grpc.RpcMethodHandler[Any, Any]
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        method = _Method(name, self._tracer)
+        method = _Method(name, self._tracer, self._internal_token)
         request_streaming, response_streaming = handler.request_streaming, handler.response_streaming
         if request_streaming and response_streaming:
             factory, behaviour = grpc.stream_stream_rpc_method_handler, handler.stream_stream

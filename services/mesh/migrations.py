@@ -13,6 +13,7 @@ import hashlib
 import importlib.resources
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 
@@ -135,3 +136,25 @@ async def _ensure_table(conn: asyncpg.Connection) -> None:
         # Two sessions' CREATE TABLE IF NOT EXISTS can race: the loser fails on the catalog's
         # unique index instead of skipping. The table exists either way.
         log.debug("schema_migrations was created by a concurrent session")
+
+
+async def migrated_pool(
+    dsn: str,
+    *,
+    component: str,
+    package: str,
+    min_size: int,
+    max_size: int,
+    init: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
+) -> asyncpg.Pool:
+    """Applies ``component``'s pending migrations on a connection of its own, then opens the
+    pool a store works with: every store starts this way."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        applied = await apply_migrations(conn, component=component, package=package)
+    finally:
+        await conn.close()
+    if applied:
+        log.info("applied %s migrations %s", component, applied)
+    pool: asyncpg.Pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=init)
+    return pool

@@ -128,7 +128,11 @@ class MeshServer:
         if self._server is not None:
             raise RuntimeError(f"{self.name} already started")
         server = grpc.aio.server(
-            interceptors=[MeshServerInterceptor(tracer_provider=self._tracer_provider)],
+            interceptors=[
+                MeshServerInterceptor(
+                    tracer_provider=self._tracer_provider, internal_token=self.settings.internal_token
+                )
+            ],
             options=self._options(),
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )

@@ -68,6 +68,11 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar("SCOREMESH_MAX_CONCURRENT_RPCS", "1000", "calls a server runs at once; more are refused"),
     EnvVar("SCOREMESH_LOG_LEVEL", "INFO", "log level: " + ", ".join(LOG_LEVELS)),
     EnvVar("SCOREMESH_LOG_FORMAT", "json", "json lines (with trace ids) or text"),
+    EnvVar(
+        "SCOREMESH_INTERNAL_TOKEN",
+        "",
+        "the mesh's shared secret; unset: $SCOREMESH_HOME/internal.token if present, else none",
+    ),
 )
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -237,14 +242,21 @@ class MeshSettings:
     log_format: str
     """SCOREMESH_LOG_FORMAT: ``json`` (one object per line, with trace ids) or ``text``.
     Default json."""
+    internal_token: str | None = None
+    """SCOREMESH_INTERNAL_TOKEN, else the contents of ``$SCOREMESH_HOME/internal.token`` when
+    that file exists: the shared secret every call inside the mesh carries
+    (``x-scoremesh-internal``). When set, services refuse calls without it
+    (UNAUTHENTICATED), health and reflection excepted; unset, nothing is checked.
+    ``scoremesh up`` creates one."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> MeshSettings:
         """Reads every ``SCOREMESH_*`` variable of the kernel from ``env`` (default
         ``os.environ``); raises SettingsError naming the first bad one."""
         env = os.environ if env is None else env
+        home = env_path(env, "SCOREMESH_HOME", Path("~/.scoremesh"))
         return cls(
-            home=env_path(env, "SCOREMESH_HOME", Path("~/.scoremesh")),
+            home=home,
             max_message_bytes=env_bytes(
                 env, "SCOREMESH_MAX_MESSAGE_BYTES", 64 * 1024**2, minimum=1024, maximum=MAX_GRPC_MESSAGE_BYTES
             ),
@@ -253,7 +265,23 @@ class MeshSettings:
             max_concurrent_rpcs=env_int(env, "SCOREMESH_MAX_CONCURRENT_RPCS", 1000, minimum=1),
             log_level=_log_level(env),
             log_format=env_str(env, "SCOREMESH_LOG_FORMAT", "json", choices=LOG_FORMATS),
+            internal_token=_internal_token(env, home),
         )
+
+
+INTERNAL_TOKEN_FILE = "internal.token"
+
+
+def _internal_token(env: Mapping[str, str], home: Path) -> str | None:
+    token = env_str(env, "SCOREMESH_INTERNAL_TOKEN", "")
+    if token:
+        return token
+    try:
+        return (home / INTERNAL_TOKEN_FILE).read_text().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        raise SettingsError(f"cannot read {home / INTERNAL_TOKEN_FILE}: {error.strerror}") from None
 
 
 def _log_level(env: Mapping[str, str]) -> str:

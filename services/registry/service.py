@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from services.mesh import paging
 from services.mesh.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -69,12 +70,6 @@ class UploadRequest:
 class UploadResult:
     version: ModelVersion
     created: bool
-
-
-def _page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument.for_field("page_size", "must not be negative")
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 def _page(items: Sequence[T], limit: int, key: Callable[[T], str]) -> Page[T]:
@@ -164,7 +159,7 @@ class RegistryService:
         return await self._visible_model(caller, name, "name")
 
     async def list_models(self, caller: Caller, page_size: int, page_token: str) -> Page[Model]:
-        limit = _page_size(page_size)
+        limit = paging.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         after = _decode_token(page_token) if page_token else ""
         models = await self._store.list_models(caller.tenant, after, limit + 1)
         return _page(models, limit, lambda model: model.name)
@@ -303,7 +298,7 @@ class RegistryService:
         self, caller: Caller, model: str, page_size: int, page_token: str
     ) -> Page[ModelVersion]:
         await self._visible_model(caller, model)
-        limit = _page_size(page_size)
+        limit = paging.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         versions = await self._store.list_versions(model, _decode_int_token(page_token), limit + 1)
         return _page(versions, limit, lambda version: str(version.version))
 
@@ -364,7 +359,7 @@ class RegistryService:
         await self._visible_model(caller, model)
         if alias:
             check_alias_name(alias)
-        limit = _page_size(page_size)
+        limit = paging.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         rows = await self._store.list_alias_changes(model, alias, _decode_int_token(page_token), limit + 1)
         page = _page(rows, limit, lambda row: str(row[0]))
         return Page(tuple(change for _, change in page.items), page.next_page_token)

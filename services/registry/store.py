@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 
 from services.mesh.errors import AlreadyExists, FailedPrecondition, NotFound
-from services.mesh.migrations import apply_migrations
+from services.mesh.migrations import migrated_pool
 from services.mesh.postgres import translated_errors
 from services.registry.domain import (
     Alias,
@@ -144,16 +144,14 @@ class RegistryStore:
     @classmethod
     async def open(cls, dsn: str, *, min_size: int = 2, max_size: int = 10) -> RegistryStore:
         """Connects, applies pending migrations (safe with several replicas starting at once)."""
-        conn = await asyncpg.connect(dsn)
-        try:
-            applied = await apply_migrations(
-                conn, component="registry", package="services.registry.migrations"
-            )
-        finally:
-            await conn.close()
-        if applied:
-            log.info("applied registry migrations %s", applied)
-        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection)
+        pool = await migrated_pool(
+            dsn,
+            component="registry",
+            package="services.registry.migrations",
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+        )
         return cls(pool, dsn)
 
     async def close(self) -> None:

@@ -36,9 +36,10 @@ from typing import Any, Final
 import asyncpg
 import numpy.typing as npt
 
-from services.mesh.errors import FieldViolation, InvalidArgument, NotFound
+from services.mesh import paging
+from services.mesh.errors import FieldViolation, InvalidArgument, NotFound, raise_for_violations
 from services.mesh.identity import Caller
-from services.mesh.migrations import apply_migrations
+from services.mesh.migrations import migrated_pool
 from services.mesh.postgres import translated_errors
 from services.scoring import tensors
 
@@ -49,8 +50,6 @@ MAX_LABEL_CHARS: Final = 4096
 MAX_TENSOR_NAME_CHARS: Final = 256
 MAX_FEEDBACK_TENSOR_BYTES: Final = 8 * 1024**2
 MAX_RANK: Final = 16
-DEFAULT_PAGE_SIZE: Final = 100
-MAX_PAGE_SIZE: Final = 1000
 
 
 # tensors
@@ -225,19 +224,6 @@ def _check_request_id(request_id: str, field_path: str) -> list[FieldViolation]:
     return []
 
 
-def _raise_if(violations: Sequence[FieldViolation]) -> None:
-    if violations:
-        raise InvalidArgument(
-            "; ".join(f"{v.field}: {v.description}" for v in violations), violations=violations
-        )
-
-
-def _page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument.for_field("page_size", "must not be negative")
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
 def _micros(value: datetime) -> int:
     delta = value - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
@@ -289,14 +275,13 @@ class PredictionStore:
     @classmethod
     async def open(cls, dsn: str, *, min_size: int = 1, max_size: int = 4) -> PredictionStore:
         """Connects and applies pending migrations (safe with several replicas starting at once)."""
-        conn = await asyncpg.connect(dsn)
-        try:
-            applied = await apply_migrations(conn, component="scoring", package="services.scoring.migrations")
-        finally:
-            await conn.close()
-        if applied:
-            log.info("applied scoring migrations %s", applied)
-        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+        pool = await migrated_pool(
+            dsn,
+            component="scoring",
+            package="services.scoring.migrations",
+            min_size=min_size,
+            max_size=max_size,
+        )
         return cls(pool)
 
     async def close(self) -> None:
@@ -346,7 +331,7 @@ class PredictionStore:
             )
         elif tensor is not None:
             violations += check_tensor(tensor, "feedback.tensor")
-        _raise_if(violations)
+        raise_for_violations(violations)
         async with translated_errors():
             # one statement, so that the ownership check and the insert see the same snapshot
             row = await self._pool.fetchrow(
@@ -370,7 +355,7 @@ class PredictionStore:
     async def get_prediction(self, caller: Caller, request_id: str) -> Prediction:
         """The logged prediction with its feedback; NOT_FOUND when it is not logged, or logged
         for another tenant (the two look alike on purpose)."""
-        _raise_if(_check_request_id(request_id, "request_id"))
+        raise_for_violations(_check_request_id(request_id, "request_id"))
         async with translated_errors(), self._pool.acquire() as conn:
             row = await conn.fetchrow(
                 f"SELECT {_PREDICTION_COLUMNS} FROM predictions WHERE request_id = $1 AND tenant = $2",
@@ -403,8 +388,8 @@ class PredictionStore:
         violations = [] if model else [FieldViolation("model", "is required")]
         if version < 0:
             violations.append(FieldViolation("version", "must be 0 (all versions) or a version number"))
-        _raise_if(violations)
-        limit = _page_size(page_size)
+        raise_for_violations(violations)
+        limit = paging.page_size(page_size)
         query = (model, version, with_feedback_only)
         after = _PageToken.decode(page_token, query) if page_token else None
         conditions = ["p.tenant = $1", "p.model = $2"]

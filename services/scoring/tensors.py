@@ -24,7 +24,7 @@ from typing import Any, Final
 import ml_dtypes
 import numpy as np
 
-from services.mesh.errors import FieldViolation, InvalidArgument, ResourceExhausted
+from services.mesh.errors import FieldViolation, InvalidArgument, ResourceExhausted, raise_for_violations
 from services.registry.domain import Signature, TensorSpec
 from services.scoring.backend import Array, LoadedVersion
 from services.scoring.oip import pb
@@ -78,7 +78,6 @@ _ALL_CONTENTS_FIELDS: Final = (*_FIELD_DTYPES, "bytes_contents")
 
 _LENGTH_PREFIX = struct.Struct("<I")
 _REASON_INVALID = "INVALID_TENSOR"
-_MESSAGE_VIOLATIONS = 5  # how many violations the human-readable message repeats
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +134,7 @@ def decode_request(
     violations: list[FieldViolation] = []
     plans = _plan_inputs(request, signature, violations)
     outputs = _requested_outputs(request, signature, violations)
-    _raise_if_any(violations)
+    raise_for_violations(violations, reason=_REASON_INVALID)
     nbytes = sum(plan.nbytes for plan in plans)
     if max_bytes is not None and nbytes > max_bytes:
         raise ResourceExhausted(
@@ -144,7 +143,7 @@ def decode_request(
             metadata={"bytes": str(nbytes), "limit": str(max_bytes)},
         )
     inputs = {plan.name: plan.decode(violations) for plan in plans}
-    _raise_if_any(violations)
+    raise_for_violations(violations, reason=_REASON_INVALID)
     return DecodedRequest(inputs=inputs, outputs=outputs, nbytes=nbytes)
 
 
@@ -382,15 +381,6 @@ def _requested_outputs(
     return tuple(names)
 
 
-def _raise_if_any(violations: Sequence[FieldViolation]) -> None:
-    if not violations:
-        return
-    shown = "; ".join(f"{v.field}: {v.description}" for v in violations[:_MESSAGE_VIOLATIONS])
-    more = len(violations) - _MESSAGE_VIOLATIONS
-    message = shown + (f"; and {more} more" if more > 0 else "")
-    raise InvalidArgument(message, violations=violations, reason=_REASON_INVALID)
-
-
 # BYTES
 
 
@@ -585,7 +575,7 @@ def batch_rows(inputs: Mapping[str, Array]) -> int:
             violations.append(
                 FieldViolation(name, f"input {name!r} has {array.shape[0]} rows; {first!r} has {rows}")
             )
-    _raise_if_any(violations)
+    raise_for_violations(violations, reason=_REASON_INVALID)
     assert rows is not None  # every input was a scalar otherwise, which raised above
     return rows
 

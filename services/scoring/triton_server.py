@@ -41,6 +41,8 @@ from typing import Final, Self
 import tritonclient.grpc.aio as triton_grpc
 from tritonclient.utils import InferenceServerException
 
+from services.mesh.supervisor import die_with_parent
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -349,6 +351,7 @@ class LocalTriton:
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
                 env=self._environment(),
+                preexec_fn=die_with_parent,
             )
         self._process = process
         log.info("started tritonserver (pid %s), log in %s", process.pid, self.log_path)

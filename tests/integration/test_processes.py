@@ -183,7 +183,14 @@ async def test_scoremesh_up_starts_postgres_and_the_registry_and_stops_on_ctrl_c
         for key, value in os.environ.items()
         if key not in ("SCOREMESH_DATABASE_URL", "DATABASE_URL")
     }
-    env.update({"SCOREMESH_HOME": str(home), "SCOREMESH_REGISTRY_PORT": "0", "SCOREMESH_LOG_FORMAT": "text"})
+    env.update(
+        {
+            "SCOREMESH_HOME": str(home),
+            "SCOREMESH_REGISTRY_PORT": "0",
+            "SCOREMESH_SCORING_PORT": "0",
+            "SCOREMESH_LOG_FORMAT": "text",
+        }
+    )
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.cli", "up", env=env, stdout=asyncio.subprocess.PIPE
     )

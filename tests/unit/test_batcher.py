@@ -14,6 +14,7 @@ import pytest
 from services.mesh.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.scoring.backend import Array
 from services.scoring.batcher import Batcher, BatchShapeError, Outputs, is_request_fault
+from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -67,14 +68,6 @@ def assert_answers(inputs: dict[str, Array], outputs: Outputs) -> None:
 async def started(fake: Doubler) -> None:
     await fake.started.wait()
     fake.started.clear()
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # coalescing and splitting

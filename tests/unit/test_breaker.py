@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 
 from services.scoring.breaker import BreakerState, CircuitBreaker
+from tests.fakes import FakeClock
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
