@@ -1,0 +1,243 @@
+"""The gateway's HTTP server: every REST route the protos annotate, transcoded to gRPC calls on
+the mesh's services, behind API keys, scopes and per-key rate limits.
+
+One handler serves every ``/v1`` route: the Router finds the binding, and the call is made
+generically from the binding's descriptors, so a new annotated RPC needs no code here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import grpc
+import grpc.aio
+from aiohttp import web
+from google.protobuf import message_factory
+from google.protobuf.message import Message
+
+from services.gateway.http_errors import ErrorResponse, error_response, ndjson_error, payload_too_large
+from services.gateway.http_rules import HttpBinding
+from services.gateway.keys import ApiKey, KeyStore, Scope, bearer_token, require
+from services.gateway.openapi import docs_html
+from services.gateway.quotas import RateLimiter, UsageRecorder, retry_after_seconds
+from services.gateway.transcoding import (
+    Router,
+    build_request,
+    build_upload_messages,
+    ndjson_line,
+    response_json,
+)
+from services.mesh.errors import MeshError, ResourceExhausted
+from services.mesh.identity import Caller
+
+log = logging.getLogger(__name__)
+
+NDJSON: Final = "application/x-ndjson"
+JSON: Final = "application/json"
+_READ_METHODS: Final = frozenset({"GET"})
+# what a route needs beyond the default (models:read to read, models:write to change)
+_SCOPES: Final[Mapping[str, Scope]] = {
+    "scoremesh.scoring.v1.Scoring": Scope.SCORE,
+}
+
+
+def required_scope(binding: HttpBinding) -> Scope:
+    """The scope a key needs for a route: per service where one is named, else reads need
+    models:read and changes models:write."""
+    scope = _SCOPES.get(binding.service)
+    if scope is not None:
+        return scope
+    return Scope.MODELS_READ if binding.http_method in _READ_METHODS else Scope.MODELS_WRITE
+
+
+def _model_of(message: Message) -> str:
+    """The model a request is about, for the usage counters ("" when it names none)."""
+    for field in ("model", "name", "model_name"):
+        if field in message.DESCRIPTOR.fields_by_name:
+            value = getattr(message, field)
+            if isinstance(value, str):
+                return value
+    return ""
+
+
+@dataclass
+class Gateway:
+    router: Router
+    channels: Mapping[str, grpc.aio.Channel]
+    """The channel to each service, by full service name."""
+    keys: KeyStore
+    limiter: RateLimiter
+    usage: UsageRecorder
+    max_body_bytes: int
+    openapi_json: bytes
+    call_timeout_s: float
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body_bytes)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/openapi.json", self.openapi)
+        app.router.add_get("/docs", self.docs)
+        app.router.add_route("*", "/v1/{tail:.*}", self.transcode)
+        return app
+
+    # the gateway's own routes
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.openapi_json, content_type=JSON)
+
+    async def docs(self, request: web.Request) -> web.Response:
+        return web.Response(text=docs_html("/openapi.json"), content_type="text/html")
+
+    # every annotated RPC
+
+    async def transcode(self, request: web.Request) -> web.StreamResponse:
+        try:
+            match = self.router.match(request.method, request.raw_path.split("?", 1)[0])
+            binding = match.binding
+            key = await self._admit(request, required_scope(binding))
+            caller = Caller(tenant=key.tenant, principal=key.id, scopes=frozenset(key.scopes))
+            metadata = caller.metadata()
+            query = list(request.query.items())
+            if binding.client_streaming:
+                upload = build_upload_messages(
+                    binding,
+                    match.path_vars,
+                    query,
+                    self._body_chunks(request),
+                    content_type=request.headers.get("Content-Type"),
+                )
+                self.usage.record(key, match.path_vars.get("metadata.model", ""))
+                response = await self._stream_unary(binding)(
+                    upload, metadata=metadata, timeout=self.call_timeout_s
+                )
+                return _json(response_json(binding, response))
+            body = await self._body(request)
+            message = build_request(
+                binding, match.path_vars, query, body, request.headers.get("Content-Type")
+            )
+            self.usage.record(key, _model_of(message))
+            if binding.server_streaming:
+                return await self._stream(request, binding, message, metadata)
+            response = await self._unary(binding)(message, metadata=metadata, timeout=self.call_timeout_s)
+            return _json(response_json(binding, response))
+        except _TooLarge as error:
+            return _error(payload_too_large(error.limit))
+        except _RateLimited as error:
+            response = error_response(error)
+            headers = {**response.headers, "Retry-After": str(error.retry_after_s)}
+            return _error(ErrorResponse(response.status, response.body, headers, response.content_type))
+        except (MeshError, grpc.aio.AioRpcError) as error:
+            return _error(error_response(error))
+
+    async def _admit(self, request: web.Request, scope: Scope) -> ApiKey:
+        key = await self.keys.authenticate(bearer_token(request.headers.get("Authorization")))
+        require(key, scope)
+        wait = self.limiter.take(key)
+        if wait > 0:
+            raise _RateLimited(key.id, retry_after_seconds(wait))
+        return key
+
+    async def _body(self, request: web.Request) -> bytes | None:
+        if not request.can_read_body:
+            return None
+        body = await request.content.read(self.max_body_bytes + 1)
+        if len(body) > self.max_body_bytes:
+            raise _TooLarge(self.max_body_bytes)
+        return body
+
+    async def _body_chunks(self, request: web.Request) -> AsyncIterator[bytes]:
+        async for chunk in request.content.iter_chunked(1 << 20):
+            yield chunk
+
+    async def _stream(
+        self, request: web.Request, binding: HttpBinding, message: Message, metadata: Any
+    ) -> web.StreamResponse:
+        call = self._unary_stream(binding)(message, metadata=metadata, timeout=self.call_timeout_s)
+        response: web.StreamResponse | None = None
+        try:
+            async for item in call:
+                if response is None:
+                    response = web.StreamResponse(headers={"Content-Type": NDJSON})
+                    await response.prepare(request)
+                await response.write(ndjson_line(binding, item))
+        except grpc.aio.AioRpcError as error:
+            if response is None:
+                return _error(error_response(error))
+            await response.write(ndjson_error(error))
+        if response is None:  # an empty stream
+            response = web.StreamResponse(headers={"Content-Type": NDJSON})
+            await response.prepare(request)
+        await response.write_eof()
+        return response
+
+    # generic calls, from the descriptors
+
+    def _channel(self, binding: HttpBinding) -> grpc.aio.Channel:
+        return self.channels[binding.service]
+
+    def _unary(self, binding: HttpBinding) -> Any:
+        return self._channel(binding).unary_unary(
+            binding.grpc_path,
+            request_serializer=_serialize,
+            response_deserializer=message_factory.GetMessageClass(binding.output_type).FromString,
+        )
+
+    def _unary_stream(self, binding: HttpBinding) -> Any:
+        return self._channel(binding).unary_stream(
+            binding.grpc_path,
+            request_serializer=_serialize,
+            response_deserializer=message_factory.GetMessageClass(binding.output_type).FromString,
+        )
+
+    def _stream_unary(self, binding: HttpBinding) -> Any:
+        return self._channel(binding).stream_unary(
+            binding.grpc_path,
+            request_serializer=_serialize,
+            response_deserializer=message_factory.GetMessageClass(binding.output_type).FromString,
+        )
+
+
+class _TooLarge(ResourceExhausted):
+    """A body over the limit: 413, not the 429 RESOURCE_EXHAUSTED maps to."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the body is larger than {limit} bytes", reason="BODY_TOO_LARGE")
+        self.limit = limit
+
+
+class _RateLimited(ResourceExhausted):
+    """A key over its rate: 429 with Retry-After."""
+
+    def __init__(self, key_id: str, retry_after_s: int) -> None:
+        super().__init__(
+            f"key {key_id} is over its rate limit; retry in {retry_after_s} s",
+            reason="RATE_LIMITED",
+            metadata={"retry_after_s": str(retry_after_s)},
+        )
+        self.retry_after_s = retry_after_s
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+def _json(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type=JSON)
+
+
+def _error(response: ErrorResponse) -> web.Response:
+    return web.Response(
+        status=response.status,
+        body=response.body,
+        headers=dict(response.headers),
+        content_type=response.content_type,
+    )
+
+
+__all__ = ["Gateway", "required_scope"]
