@@ -202,6 +202,11 @@ def _serve(args: argparse.Namespace) -> int:
 
         scoring_main()
         return 0
+    if args.service == "gateway":
+        from services.gateway.main import main as gateway_main
+
+        gateway_main()
+        return 0
     raise _UsageError(f"unknown service {args.service!r}")
 
 
@@ -243,7 +248,7 @@ def _parser() -> argparse.ArgumentParser:
     up.set_defaults(run=_up)
 
     serve = commands.add_parser("serve", help="run one service")
-    serve.add_argument("service", choices=["registry", "scoring"])
+    serve.add_argument("service", choices=["registry", "scoring", "gateway"])
     serve.set_defaults(run=_serve)
 
     score = commands.add_parser("score", help="score a model with inputs from .npy files")

@@ -7,6 +7,7 @@ as a supervised child process; Ctrl-C (or SIGTERM) stops them all in reverse ord
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -67,6 +68,19 @@ def _service_stages(
         lambda up: _service(
             "scoring", mesh, INFERENCE_SERVICE, {**shared, "SCOREMESH_REGISTRY_ADDR": up["registry"]}
         ),
+        lambda up: dataclasses.replace(
+            _service(
+                "gateway",
+                mesh,
+                "",
+                {
+                    **shared,
+                    "SCOREMESH_REGISTRY_ADDR": up["registry"],
+                    "SCOREMESH_SCORING_ADDR": up["scoring"],
+                },
+            ),
+            http_health_path="/healthz",
+        ),
     ]
 
 
@@ -104,7 +118,9 @@ async def run_up() -> int:
             "  postgres  " + (f"private cluster under {mesh.home / 'postgres'}" if cluster else "configured")
         )
         for name, address in addresses.items():
-            print(f"  {name:<9} {address} (gRPC)")
+            kind = "HTTP, http://" + address if name == "gateway" else "gRPC"
+            print(f"  {name:<9} {address} ({kind})")
+        print(f"  admin key in {mesh.home / 'admin.key'}")
         print("Ctrl-C stops everything.", flush=True)
         await stop.wait()
         print("stopping…", flush=True)

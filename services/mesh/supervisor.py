@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -47,6 +48,9 @@ class ProcessSpec:
     argv: Sequence[str]
     address_file: Path
     health_service: str = ""
+    http_health_path: str | None = None
+    """For an HTTP service (the gateway): the path that answers 200 once it is ready; its
+    health is then polled over HTTP instead of grpc.health.v1."""
     env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -96,6 +100,8 @@ class Supervisor:
                 raise TimeoutError(f"{spec.name} did not start within {timeout_s:.0f} s")
             await asyncio.sleep(0.02)
         address = spec.address_file.read_text().strip()
+        if spec.http_health_path is not None:
+            return await _wait_http_healthy(spec, address, deadline, timeout_s)
         async with grpc.aio.insecure_channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
@@ -133,3 +139,21 @@ class Supervisor:
         for watcher in self._watchers.values():
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+
+
+async def _wait_http_healthy(spec: ProcessSpec, address: str, deadline: float, timeout_s: float) -> str:
+    url = f"http://{address}{spec.http_health_path}"
+    async with aiohttp.ClientSession() as session:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{spec.name} did not become healthy within {timeout_s:.0f} s")
+            try:
+                async with session.get(
+                    url, timeout=aiohttp.ClientTimeout(total=min(1.0, remaining))
+                ) as response:
+                    if response.status == 200:
+                        return address
+            except (aiohttp.ClientError, TimeoutError):
+                pass  # not listening yet
+            await asyncio.sleep(0.05)

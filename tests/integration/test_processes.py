@@ -6,10 +6,12 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 from scoremesh.registry.v1 import registry_pb2 as pb
@@ -176,7 +178,7 @@ async def test_a_registry_stopped_during_an_upload_shows_nothing_after_restart(
         assert await asyncio.wait_for(restarted.wait(), 30) == 0
 
 
-async def test_scoremesh_up_starts_postgres_and_the_registry_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+async def test_scoremesh_up_starts_the_mesh_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = {
         key: value
@@ -188,6 +190,7 @@ async def test_scoremesh_up_starts_postgres_and_the_registry_and_stops_on_ctrl_c
             "SCOREMESH_HOME": str(home),
             "SCOREMESH_REGISTRY_PORT": "0",
             "SCOREMESH_SCORING_PORT": "0",
+            "SCOREMESH_GATEWAY_PORT": "0",
             "SCOREMESH_LOG_FORMAT": "text",
         }
     )
@@ -203,7 +206,9 @@ async def test_scoremesh_up_starts_postgres_and_the_registry_and_stops_on_ctrl_c
             banner.append(line)
             if line.startswith("Ctrl-C"):
                 break
-        assert banner[0].startswith("scoremesh is up")
+        assert any(line.startswith("scoremesh is up") for line in banner), banner
+        # the first start prints the new admin key (the gateway does, before the banner)
+        assert any(line.startswith("admin key (shown once") for line in banner), banner
         address = address_file(home, "registry").read_text().strip()
         assert any(address in line for line in banner)
 
@@ -214,6 +219,19 @@ async def test_scoremesh_up_starts_postgres_and_the_registry_and_stops_on_ctrl_c
         )
         assert code == 0, err
         assert json.loads(out)["status"] == "READY"
+
+        # the gateway serves it over REST to the admin key up created (mode 0600)
+        admin_key = home / "admin.key"
+        assert stat.S_IMODE(admin_key.stat().st_mode) == 0o600
+        gateway = address_file(home, "gateway").read_text().strip()
+        assert any(gateway in line for line in banner)
+        headers = {"Authorization": f"Bearer {admin_key.read_text().strip()}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://{gateway}/v1/models/up-model", headers=headers) as response:
+                assert response.status == 200, await response.text()
+                assert (await response.json())["latestVersion"] == "1"
+            async with http.get(f"http://{gateway}/v1/models/up-model") as response:
+                assert response.status == 401
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 60) == 0
         # the private cluster was stopped with everything else

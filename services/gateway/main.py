@@ -1,0 +1,89 @@
+"""The gateway's composition root: settings → key store, channels to the services, router,
+OpenAPI document → the aiohttp server, announced like the gRPC services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+
+from aiohttp import web
+from scoremesh.registry.v1 import registry_pb2
+from scoremesh.scoring.v1 import scoring_pb2
+
+from services.gateway.app import Gateway
+from services.gateway.http_rules import bindings_of
+from services.gateway.keys import KeyStore, RateLimit, ensure_admin_key
+from services.gateway.openapi import openapi_document
+from services.gateway.quotas import RateLimiter, UsageRecorder
+from services.gateway.settings import GatewaySettings
+from services.gateway.transcoding import Router
+from services.mesh.channels import open_channel
+from services.mesh.postgres import database
+from services.mesh.server import address_file
+from services.mesh.telemetry import configure_logging
+
+log = logging.getLogger(__name__)
+
+REGISTRY = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"]
+SCORING = scoring_pb2.DESCRIPTOR.services_by_name["Scoring"]
+
+
+async def run(settings: GatewaySettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with (
+        database(settings.database_url, settings.mesh.home) as database_url,
+        open_channel(settings.registry_addr, settings.mesh) as registry,
+        open_channel(settings.scoring_addr, settings.mesh) as scoring,
+    ):
+        keys = await KeyStore.open(database_url)
+        usage = UsageRecorder(keys)
+        usage.start()
+        try:
+            admin_key = await ensure_admin_key(settings.mesh.home, keys)
+            if admin_key:
+                print(
+                    f"admin key (shown once, also in {settings.mesh.home / 'admin.key'}): {admin_key}",
+                    flush=True,
+                )
+            bindings = bindings_of([REGISTRY, SCORING])
+            document = openapi_document(bindings, title="scoremesh", version="0.1.0")
+            gateway = Gateway(
+                router=Router(bindings),
+                channels={REGISTRY.full_name: registry, SCORING.full_name: scoring},
+                keys=keys,
+                limiter=RateLimiter(RateLimit(settings.rate_per_second, settings.burst)),
+                usage=usage,
+                max_body_bytes=settings.max_body_bytes,
+                openapi_json=json.dumps(document).encode(),
+                call_timeout_s=settings.mesh.default_deadline_s,
+            )
+            runner = web.AppRunner(gateway.application(), access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, settings.host, settings.port)
+            await site.start()
+            port = runner.addresses[0][1]
+            announced = address_file(settings.mesh.home, "gateway")
+            announced.parent.mkdir(parents=True, exist_ok=True)
+            announced.write_text(f"{settings.host}:{port}\n")
+            log.info("gateway listening on http://%s:%d", settings.host, port)
+            try:
+                await stop.wait()
+            finally:
+                announced.unlink(missing_ok=True)
+                await runner.cleanup()
+        finally:
+            await usage.close()
+            await keys.close()
+
+
+def main() -> None:
+    settings = GatewaySettings.from_env()
+    configure_logging(settings.mesh.log_level, settings.mesh.log_format)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(settings))
