@@ -18,6 +18,7 @@ from aiohttp import web
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
+from services.gateway import oip_rest
 from services.gateway.http_errors import ErrorResponse, error_response, ndjson_error, payload_too_large
 from services.gateway.http_rules import HttpBinding
 from services.gateway.keys import ApiKey, KeyStore, Scope, bearer_token, require
@@ -32,6 +33,7 @@ from services.gateway.transcoding import (
 )
 from services.mesh.errors import MeshError, ResourceExhausted
 from services.mesh.identity import Caller
+from services.scoring.oip import pb, pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class Gateway:
     max_body_bytes: int
     openapi_json: bytes
     call_timeout_s: float
+    inference: grpc.aio.Channel | None = None
+    """The scoring service, for the Open Inference Protocol's REST binding under /v2."""
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes)
@@ -81,6 +85,15 @@ class Gateway:
         app.router.add_get("/openapi.json", self.openapi)
         app.router.add_get("/docs", self.docs)
         app.router.add_route("*", "/v1/{tail:.*}", self.transcode)
+        if self.inference is not None:
+            oip = OipRoutes(self, pb_grpc.GRPCInferenceServiceStub(self.inference))
+            app.router.add_get("/v2/health/live", oip.live)
+            app.router.add_get("/v2/health/ready", oip.ready)
+            app.router.add_get("/v2", oip.server_metadata)
+            for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+                app.router.add_get(prefix, oip.model_metadata)
+                app.router.add_get(prefix + "/ready", oip.model_ready)
+                app.router.add_post(prefix + "/infer", oip.infer)
         return app
 
     # the gateway's own routes
@@ -146,10 +159,15 @@ class Gateway:
     async def _body(self, request: web.Request) -> bytes | None:
         if not request.can_read_body:
             return None
-        body = await request.content.read(self.max_body_bytes + 1)
-        if len(body) > self.max_body_bytes:
-            raise _TooLarge(self.max_body_bytes)
-        return body
+        # read() returns what has arrived so far, not the whole body: gather it, within the limit
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _TooLarge(self.max_body_bytes)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _body_chunks(self, request: web.Request) -> AsyncIterator[bytes]:
         async for chunk in request.content.iter_chunked(1 << 20):
@@ -201,6 +219,95 @@ class Gateway:
             request_serializer=_serialize,
             response_deserializer=message_factory.GetMessageClass(binding.output_type).FromString,
         )
+
+
+@dataclass
+class OipRoutes:
+    """The Open Inference Protocol's REST binding (KServe v2), so that stock
+    ``tritonclient.http`` works through the gateway: each route is one call of
+    ``inference.GRPCInferenceService`` on the scoring service, as the key's tenant. Health
+    needs no key; everything else needs the ``score`` scope."""
+
+    gateway: Gateway
+    stub: Any
+
+    async def live(self, request: web.Request) -> web.Response:
+        return await self._health(self.stub.ServerLive(pb.ServerLiveRequest(), timeout=5), "live")
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return await self._health(self.stub.ServerReady(pb.ServerReadyRequest(), timeout=5), "ready")
+
+    async def _health(self, call: Any, field: str) -> web.Response:
+        try:
+            answer = await call
+        except grpc.aio.AioRpcError:
+            return web.Response(status=oip_rest.NOT_READY_STATUS)
+        ok = bool(getattr(answer, field))
+        return web.Response(status=oip_rest.READY_STATUS if ok else oip_rest.NOT_READY_STATUS)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        try:
+            await self.gateway._admit(request, Scope.SCORE)
+            answer = await self.stub.ServerMetadata(
+                pb.ServerMetadataRequest(), timeout=self.gateway.call_timeout_s
+            )
+            return _json(oip_rest.server_metadata_json(answer))
+        except (MeshError, grpc.aio.AioRpcError) as error:
+            return _error(error_response(error))
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        try:
+            metadata = await self._caller(request)
+            call = pb.ModelMetadataRequest(
+                name=request.match_info["model"], version=request.match_info.get("version", "")
+            )
+            answer = await self.stub.ModelMetadata(
+                call, metadata=metadata, timeout=self.gateway.call_timeout_s
+            )
+            return _json(oip_rest.model_metadata_json(answer))
+        except (MeshError, grpc.aio.AioRpcError) as error:
+            return _error(error_response(error))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        try:
+            metadata = await self._caller(request)
+            call = pb.ModelReadyRequest(
+                name=request.match_info["model"], version=request.match_info.get("version", "")
+            )
+            answer = await self.stub.ModelReady(call, metadata=metadata, timeout=self.gateway.call_timeout_s)
+            return web.Response(status=oip_rest.READY_STATUS if answer.ready else oip_rest.NOT_READY_STATUS)
+        except (MeshError, grpc.aio.AioRpcError) as error:
+            return _error(error_response(error))
+
+    async def infer(self, request: web.Request) -> web.Response:
+        try:
+            metadata = await self._caller(request)
+            body = await self.gateway._body(request) or b""
+            model, version = _model_and_version(request)
+            parsed = oip_rest.parse_infer_request(
+                model,
+                version,
+                body,
+                oip_rest.header_length_of(request.headers.get(oip_rest.HEADER_LENGTH)),
+                self.gateway.max_body_bytes,
+            )
+            answer = await self.stub.ModelInfer(
+                parsed.request, metadata=metadata, timeout=self.gateway.call_timeout_s
+            )
+            payload, headers = oip_rest.infer_response_body(answer, parsed.outputs)
+            return web.Response(body=payload, headers=headers)
+        except _TooLarge as error:
+            return _error(payload_too_large(error.limit))
+        except (MeshError, grpc.aio.AioRpcError) as error:
+            return _error(error_response(error))
+
+    async def _caller(self, request: web.Request) -> Any:
+        key = await self.gateway._admit(request, Scope.SCORE)
+        return Caller(tenant=key.tenant, principal=key.id, scopes=frozenset(key.scopes)).metadata()
+
+
+def _model_and_version(request: web.Request) -> tuple[str, str]:
+    return request.match_info["model"], request.match_info.get("version", "")
 
 
 class _TooLarge(ResourceExhausted):

@@ -62,6 +62,7 @@ async def run(settings: GatewaySettings) -> None:
                 max_body_bytes=settings.max_body_bytes,
                 openapi_json=json.dumps(document).encode(),
                 call_timeout_s=settings.mesh.default_deadline_s,
+                inference=scoring,
             )
             runner = web.AppRunner(gateway.application(), access_log=None)
             await runner.setup()

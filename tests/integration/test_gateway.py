@@ -4,15 +4,21 @@ real PostgreSQL, and a real registry behind it over gRPC."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import grpc
+import numpy as np
+import onnxruntime as ort
 import pytest
+import tritonclient.http.aio as triton_http
 from aiohttp.test_utils import TestServer
 from scoremesh.registry.v1 import registry_pb2
+from tritonclient.utils import InferenceServerException
 
 from services.gateway.app import Gateway
 from services.gateway.http_rules import bindings_of
@@ -22,6 +28,7 @@ from services.gateway.quotas import RateLimiter, UsageRecorder
 from services.gateway.transcoding import Router
 from tests import onnx_factory
 from tests.integration.registry_harness import registry_env, running_registry
+from tests.integration.scoring_harness import running_scoring, scoring_env
 
 pytestmark = pytest.mark.integration
 
@@ -40,32 +47,44 @@ class RunningGateway:
         return {"Authorization": f"Bearer {plaintext}"}
 
 
+@contextlib.asynccontextmanager
+async def serving_gateway(
+    database_url: str, registry: grpc.aio.Channel, inference: grpc.aio.Channel | None = None
+) -> AsyncIterator[RunningGateway]:
+    """The gateway built as main builds it, on an aiohttp server on 127.0.0.1."""
+    keys = await KeyStore.open(database_url)
+    usage = UsageRecorder(keys)
+    usage.start()
+    bindings = bindings_of([registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"]])
+    app = Gateway(
+        router=Router(bindings),
+        channels={REGISTRY: registry},
+        keys=keys,
+        limiter=RateLimiter(),
+        usage=usage,
+        max_body_bytes=MAX_BODY,
+        openapi_json=json.dumps(openapi_document(bindings, title="scoremesh", version="test")).encode(),
+        call_timeout_s=30.0,
+        inference=inference,
+    ).application()
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield RunningGateway(str(server.make_url("")).rstrip("/"), http, keys)
+    finally:
+        await server.close()
+        await usage.close()
+        await keys.close()
+
+
 @pytest.fixture
 async def gateway(database_url: str, tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    async with running_registry(registry_env(tmp_path / "home", database_url)) as registry:
-        keys = await KeyStore.open(database_url)
-        usage = UsageRecorder(keys)
-        usage.start()
-        bindings = bindings_of([registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"]])
-        app = Gateway(
-            router=Router(bindings),
-            channels={REGISTRY: registry.channel},
-            keys=keys,
-            limiter=RateLimiter(),
-            usage=usage,
-            max_body_bytes=MAX_BODY,
-            openapi_json=json.dumps(openapi_document(bindings, title="scoremesh", version="test")).encode(),
-            call_timeout_s=30.0,
-        ).application()
-        server = TestServer(app, host="127.0.0.1", port=0)
-        await server.start_server()
-        try:
-            async with aiohttp.ClientSession() as http:
-                yield RunningGateway(str(server.make_url("")).rstrip("/"), http, keys)
-        finally:
-            await server.close()
-            await usage.close()
-            await keys.close()
+    async with (
+        running_registry(registry_env(tmp_path / "home", database_url)) as registry,
+        serving_gateway(database_url, registry.channel) as running,
+    ):
+        yield running
 
 
 async def _json(response: aiohttp.ClientResponse) -> dict[str, object]:
@@ -187,3 +206,55 @@ async def test_unknown_routes_and_methods(gateway: RunningGateway) -> None:
     async with gateway.http.delete(f"{gateway.url}/v1/models", headers=headers) as response:
         assert response.status == 405
         assert "GET" in response.headers["Allow"]
+
+
+# the Open Inference Protocol's REST binding, with stock tritonclient.http
+
+
+@pytest.fixture
+async def mesh(database_url: str, tmp_path: Path) -> AsyncIterator[RunningGateway]:
+    """Registry, scoring on onnxruntime and the gateway with its /v2 routes."""
+    async with running_registry(registry_env(tmp_path / "registry", database_url)) as registry:
+        in_process = {"SCOREMESH_SCORING_BACKEND": "onnxruntime"}
+        env = scoring_env(tmp_path / "scoring", database_url, registry.address, **in_process)
+        async with (
+            running_scoring(env) as scoring,
+            serving_gateway(database_url, registry.channel, scoring.channel) as running,
+        ):
+            yield running
+
+
+async def test_stock_tritonclient_http_scores_through_the_gateway(mesh: RunningGateway) -> None:
+    writer = await mesh.key("acme", "models:read", "models:write", "score")
+    data = onnx_factory.tiny_classifier(seed=3)
+    async with mesh.http.post(
+        f"{mesh.url}/v1/models/clf/versions:upload",
+        params={"alias": "production"},
+        data=data,
+        headers={**writer, "Content-Type": "application/octet-stream"},
+    ) as response:
+        assert response.status == 200, await response.text()
+
+    client = triton_http.InferenceServerClient(mesh.url.removeprefix("http://"))
+    try:
+        assert await client.is_server_live()
+        assert await client.is_server_ready()
+        assert await client.is_model_ready("clf", headers=writer)
+        metadata = await client.get_model_metadata("clf", headers=writer)
+        assert metadata["inputs"][0]["name"] == "input"
+        rows = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+        for binary in (True, False):
+            infer_input = triton_http.InferInput("input", [3, 4], "FP32")
+            infer_input.set_data_from_numpy(rows, binary_data=binary)
+            # a copy each time: tritonclient writes its own headers into the dict it is given
+            result = await client.infer("clf", [infer_input], headers=dict(writer))
+            session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+            expected = session.run(None, {"input": rows})[0]
+            np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=1e-5, atol=1e-6)
+        # no key: refused; another tenant: the private model is not there
+        with pytest.raises(InferenceServerException):
+            await client.infer("clf", [infer_input])
+        stranger = await mesh.key("globex", "score")
+        assert not await client.is_model_ready("clf", headers=stranger)
+    finally:
+        await client.close()
