@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import grpc
@@ -57,9 +57,9 @@ def required_scope(binding: HttpBinding) -> Scope:
 
 def _model_of(message: Message) -> str:
     """The model a request is about, for the usage counters ("" when it names none)."""
-    for field in ("model", "name", "model_name"):
-        if field in message.DESCRIPTOR.fields_by_name:
-            value = getattr(message, field)
+    for name in ("model", "name", "model_name"):
+        if name in message.DESCRIPTOR.fields_by_name:
+            value = getattr(message, name)
             if isinstance(value, str):
                 return value
     return ""
@@ -78,6 +78,7 @@ class Gateway:
     call_timeout_s: float
     inference: grpc.aio.Channel | None = None
     """The scoring service, for the Open Inference Protocol's REST binding under /v2."""
+    _callables: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes)
@@ -113,7 +114,7 @@ class Gateway:
         try:
             match = self.router.match(request.method, request.raw_path.split("?", 1)[0])
             binding = match.binding
-            key = await self._admit(request, required_scope(binding))
+            key = await self.admit(request, required_scope(binding))
             caller = Caller(tenant=key.tenant, principal=key.id, scopes=frozenset(key.scopes))
             metadata = caller.metadata()
             query = list(request.query.items())
@@ -130,7 +131,7 @@ class Gateway:
                     upload, metadata=metadata, timeout=self.call_timeout_s
                 )
                 return _json(response_json(binding, response))
-            body = await self._body(request)
+            body = await self.read_body(request)
             message = build_request(
                 binding, match.path_vars, query, body, request.headers.get("Content-Type")
             )
@@ -148,7 +149,8 @@ class Gateway:
         except (MeshError, grpc.aio.AioRpcError) as error:
             return _error(error_response(error))
 
-    async def _admit(self, request: web.Request, scope: Scope) -> ApiKey:
+    async def admit(self, request: web.Request, scope: Scope) -> ApiKey:
+        """The caller's key, once it is valid, holds ``scope`` and is within its rate."""
         key = await self.keys.authenticate(bearer_token(request.headers.get("Authorization")))
         require(key, scope)
         wait = self.limiter.take(key)
@@ -156,7 +158,7 @@ class Gateway:
             raise _RateLimited(key.id, retry_after_seconds(wait))
         return key
 
-    async def _body(self, request: web.Request) -> bytes | None:
+    async def read_body(self, request: web.Request) -> bytes | None:
         if not request.can_read_body:
             return None
         # read() returns what has arrived so far, not the whole body: gather it, within the limit
@@ -196,29 +198,29 @@ class Gateway:
 
     # generic calls, from the descriptors
 
-    def _channel(self, binding: HttpBinding) -> grpc.aio.Channel:
-        return self.channels[binding.service]
-
     def _unary(self, binding: HttpBinding) -> Any:
-        return self._channel(binding).unary_unary(
-            binding.grpc_path,
-            request_serializer=_serialize,
-            response_deserializer=message_factory.GetMessageClass(binding.output_type).FromString,
-        )
+        return self._callable(binding, "unary_unary")
 
     def _unary_stream(self, binding: HttpBinding) -> Any:
-        return self._channel(binding).unary_stream(
-            binding.grpc_path,
-            request_serializer=_serialize,
-            response_deserializer=message_factory.GetMessageClass(binding.output_type).FromString,
-        )
+        return self._callable(binding, "unary_stream")
 
     def _stream_unary(self, binding: HttpBinding) -> Any:
-        return self._channel(binding).stream_unary(
-            binding.grpc_path,
-            request_serializer=_serialize,
-            response_deserializer=message_factory.GetMessageClass(binding.output_type).FromString,
-        )
+        return self._callable(binding, "stream_unary")
+
+    def _callable(self, binding: HttpBinding, kind: str) -> Any:
+        """The channel's multi-callable for a route, made once: building it (and the response
+        class) per request would repeat work on the hot path."""
+        key = (binding.grpc_path, kind)
+        callable_ = self._callables.get(key)
+        if callable_ is None:
+            factory = getattr(self.channels[binding.service], kind)
+            callable_ = factory(
+                binding.grpc_path,
+                request_serializer=_serialize,
+                response_deserializer=message_factory.GetMessageClass(binding.output_type).FromString,
+            )
+            self._callables[key] = callable_
+        return callable_
 
 
 @dataclass
@@ -247,7 +249,7 @@ class OipRoutes:
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         try:
-            await self.gateway._admit(request, Scope.SCORE)
+            await self.gateway.admit(request, Scope.SCORE)
             answer = await self.stub.ServerMetadata(
                 pb.ServerMetadataRequest(), timeout=self.gateway.call_timeout_s
             )
@@ -282,7 +284,7 @@ class OipRoutes:
     async def infer(self, request: web.Request) -> web.Response:
         try:
             metadata = await self._caller(request)
-            body = await self.gateway._body(request) or b""
+            body = await self.gateway.read_body(request) or b""
             model, version = _model_and_version(request)
             parsed = oip_rest.parse_infer_request(
                 model,
@@ -302,7 +304,7 @@ class OipRoutes:
             return _error(error_response(error))
 
     async def _caller(self, request: web.Request) -> Any:
-        key = await self.gateway._admit(request, Scope.SCORE)
+        key = await self.gateway.admit(request, Scope.SCORE)
         return Caller(tenant=key.tenant, principal=key.id, scopes=frozenset(key.scopes)).metadata()
 
 
