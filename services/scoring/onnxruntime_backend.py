@@ -174,6 +174,11 @@ class OnnxRuntimeBackend:
         warm-up after loading, and a probe that readiness can trust."""
         return await self.infer(version, sample_inputs(version.signature), (), timeout_s=timeout_s)
 
+    @property
+    def running(self) -> int:
+        """Runs in flight (submitted to the executor and not yet finished)."""
+        return len(self._running)
+
     async def close(self) -> None:
         self._closed = True
         for run_options in self._running:

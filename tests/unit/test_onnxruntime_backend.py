@@ -293,7 +293,12 @@ async def test_cancelled_caller_stops_the_run() -> None:
         task = asyncio.create_task(
             backend.infer(slow, {"input": np.zeros(1, np.float32)}, [], timeout_s=None)
         )
-        await asyncio.sleep(0.1)  # let it reach the worker; its cancellation is the thing under test
+        # wait until the run is in flight and the one worker has taken it off the queue: the
+        # cancellation of a run inside onnxruntime is the thing under test
+        deadline = time.monotonic() + 10
+        while backend.running == 0 or pool._work_queue.qsize():
+            assert time.monotonic() < deadline, "the run never reached the worker"
+            await asyncio.sleep(0.01)
 
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
