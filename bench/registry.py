@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from bench.common import START_TIMEOUT_S, percentile, wait_for_file
 from services.mesh.channels import open_channel
 from services.mesh.identity import Caller
 from services.mesh.postgres import database, resolve_database_url
@@ -33,23 +34,6 @@ from tests import onnx_factory
 
 RESULTS = Path(__file__).parent / "results" / "registry.json"
 CALLER = Caller(tenant="bench", principal="bench")
-START_TIMEOUT_S = 120.0
-
-
-def _percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-async def _wait_for_file(path: Path, process: asyncio.subprocess.Process, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.returncode is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear within {timeout} s")
-        await asyncio.sleep(0.02)
-    return path.read_text().strip()
 
 
 @contextlib.asynccontextmanager
@@ -65,7 +49,7 @@ async def _registry_process(home: Path, database_url: str) -> AsyncIterator[str]
         sys.executable, "-m", "services.cli", "serve", "registry", env=env
     )
     try:
-        yield await _wait_for_file(address_file(home, "registry"), process, START_TIMEOUT_S)
+        yield await wait_for_file(address_file(home, "registry"), process)
     finally:
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), 30)
@@ -127,7 +111,7 @@ async def bench_resolve(
         "requests": len(latencies),
         "req_per_s": round(len(latencies) / elapsed, 1),
         "p50_ms": round(statistics.median(latencies) * 1000, 2),
-        "p99_ms": round(_percentile(latencies, 0.99) * 1000, 2),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
         "client_cpu_s": round(time.process_time() - cpu_started, 2),
     }
 

@@ -35,6 +35,7 @@ import onnxruntime as ort
 import tritonclient.grpc.aio as triton_grpc
 from tritonclient.grpc import InferInput
 
+from bench.common import percentile, wait_for_file
 from services.mesh.channels import open_channel
 from services.mesh.identity import Caller
 from services.mesh.postgres import database, resolve_database_url
@@ -55,7 +56,6 @@ from tests import onnx_factory
 
 RESULTS: Final = Path(__file__).parent / "results" / "scoring.json"
 CALLER: Final = Caller(tenant="bench", principal="bench")
-START_TIMEOUT_S: Final = 120.0
 STOP_TIMEOUT_S: Final = 30.0
 CALL_TIMEOUT_S: Final = 10.0
 # the scoring service's defaults, which (a) copies so that Triton sees the same model config
@@ -225,17 +225,6 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
         await process.wait()
 
 
-async def _wait_for_file(path: Path, process: asyncio.subprocess.Process) -> str:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not path.exists():
-        if process.returncode is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear within {START_TIMEOUT_S} s")
-        await asyncio.sleep(0.02)
-    return path.read_text().strip()
-
-
 @dataclass(frozen=True)
 class Service:
     address: str
@@ -255,7 +244,7 @@ async def service_process(name: str, home: Path, env: Mapping[str, str]) -> Asyn
         sys.executable, "-m", "services.cli", "serve", name, env=environment
     )
     try:
-        address = await _wait_for_file(address_file(home, name), process)
+        address = await wait_for_file(address_file(home, name), process)
         yield Service(address, process.pid)
     finally:
         await asyncio.shield(_stop(process))
@@ -370,11 +359,6 @@ def _ratio(numerator: int, denominator: int) -> float | None:
     return round(numerator / denominator, 2) if denominator else None
 
 
-def _percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 async def measure(
     client: triton_grpc.InferenceServerClient,
     stats_client: triton_grpc.InferenceServerClient | None,
@@ -416,7 +400,7 @@ async def measure(
         seconds=round(elapsed, 2),
         req_per_s=round(count / elapsed, 1),
         p50_ms=round(statistics.median(latencies) * 1000, 3),
-        p99_ms=round(_percentile(latencies, 0.99) * 1000, 3),
+        p99_ms=round(percentile(latencies, 0.99) * 1000, 3),
         server_cpu_us_per_req=round(server_cpu / count * 1e6, 1),
         triton_cpu_us_per_req=None if triton_cpu is None else round(triton_cpu / count * 1e6, 1),
         client_cpu_us_per_req=round(client_cpu / count * 1e6, 1),
