@@ -126,20 +126,8 @@ class KeyPage:
 
 @dataclass(frozen=True, slots=True)
 class UsageRow:
-    """What one key did with one model in one hour (``bucket``, its start). ``model`` is ''
-    for requests that name no model."""
-
-    key_id: str
-    tenant: str
-    model: str
-    bucket: datetime
-    requests: int
-    rows: int
-
-
-@dataclass(frozen=True, slots=True)
-class UsageIncrement:
-    """Counts to add to a usage row (``bucket`` is the start of an hour)."""
+    """What one key did with one model in one hour (``bucket``, its start), or counts to add
+    to that. ``model`` is '' for requests that name no model."""
 
     key_id: str
     tenant: str
@@ -500,7 +488,7 @@ class KeyStore:
 
     # usage
 
-    async def add_usage(self, increments: Sequence[UsageIncrement]) -> None:
+    async def add_usage(self, increments: Sequence[UsageRow]) -> None:
         """Adds ``increments`` to the usage rows in one transaction. Raises asyncpg's errors
         untranslated: only the usage recorder calls this, and it retries."""
         # one order for every writer: two gateways upserting the same rows in different

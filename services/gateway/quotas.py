@@ -20,7 +20,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Final
 
-from services.gateway.keys import ApiKey, KeyStore, RateLimit, UsageIncrement, UsageRow
+from services.gateway.keys import ApiKey, KeyStore, RateLimit, UsageRow
 from services.mesh.postgres import translated_errors
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ class UsageRecorder:
         # swapped without an await in between, so no record() lands in the batch being written
         batch, self._pending = self._pending, {}
         increments = [
-            UsageIncrement(key_id, tenant, model, datetime.fromtimestamp(hour * _BUCKET_SECONDS, UTC), r, n)
+            UsageRow(key_id, tenant, model, datetime.fromtimestamp(hour * _BUCKET_SECONDS, UTC), r, n)
             for (key_id, tenant, model, hour), (r, n) in batch.items()
         ]
         try:
