@@ -8,11 +8,16 @@ import contextlib
 import json
 import logging
 import signal
+from collections.abc import Mapping
+from typing import Final
 
+import grpc.aio
 from aiohttp import web
+from google.protobuf.descriptor import ServiceDescriptor
 from scoremesh.registry.v1 import registry_pb2
 from scoremesh.scoring.v1 import scoring_pb2
 
+from services import __version__
 from services.gateway.app import Gateway
 from services.gateway.http_rules import bindings_of
 from services.gateway.keys import KeyStore, RateLimit, ensure_admin_key
@@ -29,6 +34,36 @@ log = logging.getLogger(__name__)
 
 REGISTRY = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"]
 SCORING = scoring_pb2.DESCRIPTOR.services_by_name["Scoring"]
+SERVICES: Final[Mapping[str, ServiceDescriptor]] = {s.full_name: s for s in (REGISTRY, SCORING)}
+"""Every service whose annotated RPCs the gateway serves under /v1, by full name."""
+
+
+def build_gateway(
+    *,
+    channels: Mapping[str, grpc.aio.Channel],
+    keys: KeyStore,
+    usage: UsageRecorder,
+    limiter: RateLimiter,
+    max_body_bytes: int,
+    call_timeout_s: float,
+    inference: grpc.aio.Channel | None,
+) -> Gateway:
+    """The gateway for the services in ``channels`` (full name → channel; each one of
+    :data:`SERVICES`): routes and OpenAPI document from their descriptors, /v2 through
+    ``inference`` when given."""
+    bindings = bindings_of([SERVICES[name] for name in channels])
+    document = openapi_document(bindings, title="scoremesh", version=__version__)
+    return Gateway(
+        router=Router(bindings),
+        channels=channels,
+        keys=keys,
+        limiter=limiter,
+        usage=usage,
+        max_body_bytes=max_body_bytes,
+        openapi_json=json.dumps(document).encode(),
+        call_timeout_s=call_timeout_s,
+        inference=inference,
+    )
 
 
 async def run(settings: GatewaySettings) -> None:
@@ -51,16 +86,12 @@ async def run(settings: GatewaySettings) -> None:
                     f"admin key (shown once, also in {settings.mesh.home / 'admin.key'}): {admin_key}",
                     flush=True,
                 )
-            bindings = bindings_of([REGISTRY, SCORING])
-            document = openapi_document(bindings, title="scoremesh", version="0.1.0")
-            gateway = Gateway(
-                router=Router(bindings),
+            gateway = build_gateway(
                 channels={REGISTRY.full_name: registry, SCORING.full_name: scoring},
                 keys=keys,
-                limiter=RateLimiter(RateLimit(settings.rate_per_second, settings.burst)),
                 usage=usage,
+                limiter=RateLimiter(RateLimit(settings.rate_per_second, settings.burst)),
                 max_body_bytes=settings.max_body_bytes,
-                openapi_json=json.dumps(document).encode(),
                 call_timeout_s=settings.mesh.default_deadline_s,
                 inference=scoring,
             )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services import __version__
 from services.mesh.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
 from services.mesh.identity import Caller
 from services.scoring import tensors
@@ -30,7 +31,7 @@ from services.scoring.router import ModelRouter
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "scoremesh"
-SERVER_VERSION = "0.1.0"
+SERVER_VERSION = __version__
 REQUEST_ID_PARAMETER = "request_id"
 """The response parameter carrying the id a request is logged under when it had none."""
 

@@ -4,85 +4,31 @@ real PostgreSQL, and a real registry behind it over gRPC."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http.aio as triton_http
-from aiohttp.test_utils import TestServer
-from scoremesh.registry.v1 import registry_pb2
 from tritonclient.utils import InferenceServerException
 
-from services.gateway.app import Gateway
-from services.gateway.http_rules import bindings_of
-from services.gateway.keys import KeyStore, RateLimit
-from services.gateway.openapi import openapi_document
-from services.gateway.quotas import RateLimiter, UsageRecorder
-from services.gateway.transcoding import Router
+from services.gateway.keys import RateLimit
+from services.gateway.main import REGISTRY
 from tests import onnx_factory
+from tests.integration.gateway_harness import MAX_BODY, RunningGateway, running_mesh, serving_gateway
 from tests.integration.registry_harness import registry_env, running_registry
-from tests.integration.scoring_harness import running_scoring, scoring_env
 
 pytestmark = pytest.mark.integration
-
-REGISTRY = "scoremesh.registry.v1.ModelRegistry"
-MAX_BODY = 64 * 1024
-
-
-@dataclass
-class RunningGateway:
-    url: str
-    http: aiohttp.ClientSession
-    keys: KeyStore
-
-    async def key(self, tenant: str, *scopes: str, rate: RateLimit | None = None) -> dict[str, str]:
-        _, plaintext = await self.keys.create(tenant, scopes, created_by="test", rate=rate)
-        return {"Authorization": f"Bearer {plaintext}"}
-
-
-@contextlib.asynccontextmanager
-async def serving_gateway(
-    database_url: str, registry: grpc.aio.Channel, inference: grpc.aio.Channel | None = None
-) -> AsyncIterator[RunningGateway]:
-    """The gateway built as main builds it, on an aiohttp server on 127.0.0.1."""
-    keys = await KeyStore.open(database_url)
-    usage = UsageRecorder(keys)
-    usage.start()
-    bindings = bindings_of([registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"]])
-    app = Gateway(
-        router=Router(bindings),
-        channels={REGISTRY: registry},
-        keys=keys,
-        limiter=RateLimiter(),
-        usage=usage,
-        max_body_bytes=MAX_BODY,
-        openapi_json=json.dumps(openapi_document(bindings, title="scoremesh", version="test")).encode(),
-        call_timeout_s=30.0,
-        inference=inference,
-    ).application()
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession() as http:
-            yield RunningGateway(str(server.make_url("")).rstrip("/"), http, keys)
-    finally:
-        await server.close()
-        await usage.close()
-        await keys.close()
 
 
 @pytest.fixture
 async def gateway(database_url: str, tmp_path: Path) -> AsyncIterator[RunningGateway]:
     async with (
         running_registry(registry_env(tmp_path / "home", database_url)) as registry,
-        serving_gateway(database_url, registry.channel) as running,
+        serving_gateway(database_url, {REGISTRY.full_name: registry.channel}) as running,
     ):
         yield running
 
@@ -213,15 +159,8 @@ async def test_unknown_routes_and_methods(gateway: RunningGateway) -> None:
 
 @pytest.fixture
 async def mesh(database_url: str, tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    """Registry, scoring on onnxruntime and the gateway with its /v2 routes."""
-    async with running_registry(registry_env(tmp_path / "registry", database_url)) as registry:
-        in_process = {"SCOREMESH_SCORING_BACKEND": "onnxruntime"}
-        env = scoring_env(tmp_path / "scoring", database_url, registry.address, **in_process)
-        async with (
-            running_scoring(env) as scoring,
-            serving_gateway(database_url, registry.channel, scoring.channel) as running,
-        ):
-            yield running
+    async with running_mesh(database_url, tmp_path) as running:
+        yield running
 
 
 async def test_stock_tritonclient_http_scores_through_the_gateway(mesh: RunningGateway) -> None:
