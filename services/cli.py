@@ -14,13 +14,17 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from scoremesh.gateway.v1.admin_pb2 import RateLimit as RateLimitPb
 
+from services.gateway.admin_command import AdminClient, as_json, key_lines, usage_lines
+from services.gateway.keys import Scope
 from services.mesh.channels import open_channel
 from services.mesh.errors import MeshError
 from services.mesh.identity import DEFAULT_TENANT, Caller
@@ -165,6 +169,81 @@ async def _models_pull(args: argparse.Namespace, client: RegistryClient) -> None
         print(f"wrote {version.model} version {version.version} to {args.file} ({version.size_bytes} bytes)")
 
 
+# keys and usage, through the gateway's Admin service
+
+
+def _admin_address() -> str:
+    return env_str(os.environ, "SCOREMESH_GATEWAY_ADMIN_ADDR", "127.0.0.1:50054")
+
+
+def _run_admin_command(
+    command: Callable[[argparse.Namespace, AdminClient], Coroutine[Any, Any, None]],
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        async def main() -> None:
+            settings = MeshSettings.from_env()
+            async with open_channel(_admin_address(), settings) as channel:
+                await command(args, AdminClient(channel, _caller().principal))
+
+        asyncio.run(main())
+        return 0
+
+    return run
+
+
+def _scopes(text: str) -> list[str]:
+    return [scope.strip() for scope in text.split(",") if scope.strip()]
+
+
+async def _keys_create(args: argparse.Namespace, client: AdminClient) -> None:
+    if (args.rate is None) != (args.burst is None):
+        raise _UsageError("--rate and --burst go together")
+    rate = RateLimitPb(requests_per_second=args.rate, burst=args.burst) if args.rate is not None else None
+    created = await client.create_key(
+        args.tenant, _scopes(args.scopes), description=args.description, rate=rate
+    )
+    if args.json:
+        _print_json(as_json(created))
+        return
+    key = created.key
+    print(f"created key {key.id} for tenant {key.tenant} with scopes {', '.join(key.scopes)}")
+    print("its token, shown only now:", file=sys.stderr)
+    print(created.token)
+
+
+async def _keys_list(args: argparse.Namespace, client: AdminClient) -> None:
+    keys = await client.list_keys(args.tenant or "", include_revoked=args.all)
+    if args.json:
+        _print_json([as_json(k) for k in keys])
+        return
+    print("\n".join(key_lines(keys)))
+
+
+async def _keys_revoke(args: argparse.Namespace, client: AdminClient) -> None:
+    key = await client.revoke_key(args.id)
+    if args.json:
+        _print_json(as_json(key))
+    else:
+        print(f"revoked key {key.id} of tenant {key.tenant}")
+
+
+async def _usage(args: argparse.Namespace, client: AdminClient) -> None:
+    if args.hours < 0:
+        raise _UsageError("--hours must not be negative")
+    since = datetime.now(UTC) - timedelta(hours=args.hours) if args.hours else None
+    usage = await client.usage(
+        key_id=args.key or "",
+        tenant=args.tenant or "",
+        model=args.model or "",
+        since=since,
+        hourly=args.hourly,
+    )
+    if args.json:
+        _print_json([as_json(u) for u in usage])
+        return
+    print("\n".join(usage_lines(usage, hourly=args.hourly)))
+
+
 class _UsageError(Exception):
     pass
 
@@ -283,6 +362,38 @@ def _parser() -> argparse.ArgumentParser:
     pull = verb("pull", "download NAME, NAME:VERSION or NAME@ALIAS", _models_pull)
     pull.add_argument("reference")
     pull.add_argument("file")
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    key_verbs = keys.add_subparsers(dest="verb", required=True)
+
+    def key_verb(name: str, help_text: str, command: Any) -> argparse.ArgumentParser:
+        sub = key_verbs.add_parser(name, help=help_text)
+        sub.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        sub.set_defaults(run=_run_admin_command(command))
+        return sub
+
+    create = key_verb("create", "create a key; its token is printed once", _keys_create)
+    create.add_argument("--tenant", required=True)
+    create.add_argument(
+        "--scopes", required=True, metavar="SCOPE[,SCOPE…]", help=f"of {', '.join(s.value for s in Scope)}"
+    )
+    create.add_argument("--description", default="")
+    create.add_argument("--rate", type=float, help="its own requests per second (with --burst)")
+    create.add_argument("--burst", type=int, help="its own burst (with --rate)")
+    listing = key_verb("list", "list keys", _keys_list)
+    listing.add_argument("--tenant", help="only this tenant's keys")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    revoke = key_verb("revoke", "revoke a key for good", _keys_revoke)
+    revoke.add_argument("id", help="the key's id (the 12 hex characters after smk_)")
+
+    usage = commands.add_parser("usage", help="requests and rows scored per key and model")
+    usage.add_argument("--key", help="only this key id")
+    usage.add_argument("--tenant", help="only this tenant")
+    usage.add_argument("--model", help="only this model")
+    usage.add_argument("--hours", type=int, default=0, help="only the last N hours (default: all)")
+    usage.add_argument("--hourly", action="store_true", help="one line per hour")
+    usage.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    usage.set_defaults(run=_run_admin_command(_usage))
     return parser
 
 

@@ -120,6 +120,9 @@ async def run_up() -> int:
         for name, address in addresses.items():
             kind = "HTTP, http://" + address if name == "gateway" else "gRPC"
             print(f"  {name:<9} {address} ({kind})")
+        admin = address_file(mesh.home, "gateway-admin")
+        if admin.exists():
+            print(f"  {'admin':<9} {admin.read_text().strip()} (gRPC: scoremesh keys, scoremesh usage)")
         print(f"  admin key in {mesh.home / 'admin.key'}")
         print("Ctrl-C stops everything.", flush=True)
         await stop.wait()

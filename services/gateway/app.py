@@ -43,6 +43,7 @@ _READ_METHODS: Final = frozenset({"GET"})
 # what a route needs beyond the default (models:read to read, models:write to change)
 _SCOPES: Final[Mapping[str, Scope]] = {
     "scoremesh.scoring.v1.Scoring": Scope.SCORE,
+    "scoremesh.gateway.v1.Admin": Scope.ADMIN,
 }
 
 
@@ -115,8 +116,7 @@ class Gateway:
             match = self.router.match(request.method, request.raw_path.split("?", 1)[0])
             binding = match.binding
             key = await self.admit(request, required_scope(binding))
-            caller = Caller(tenant=key.tenant, principal=key.id, scopes=frozenset(key.scopes))
-            metadata = caller.metadata()
+            metadata = _metadata(key)
             query = list(request.query.items())
             if binding.client_streaming:
                 upload = build_upload_messages(
@@ -283,7 +283,7 @@ class OipRoutes:
 
     async def infer(self, request: web.Request) -> web.Response:
         try:
-            metadata = await self._caller(request)
+            key = await self.gateway.admit(request, Scope.SCORE)
             body = await self.gateway.read_body(request) or b""
             model, version = _model_and_version(request)
             parsed = oip_rest.parse_infer_request(
@@ -293,9 +293,15 @@ class OipRoutes:
                 oip_rest.header_length_of(request.headers.get(oip_rest.HEADER_LENGTH)),
                 self.gateway.max_body_bytes,
             )
-            answer = await self.stub.ModelInfer(
-                parsed.request, metadata=metadata, timeout=self.gateway.call_timeout_s
-            )
+            scored = 0
+            try:
+                answer = await self.stub.ModelInfer(
+                    parsed.request, metadata=_metadata(key), timeout=self.gateway.call_timeout_s
+                )
+                scored = oip_rest.rows_of(parsed.request)
+            finally:
+                # a request that reached scoring counts; its rows only once they were scored
+                self.gateway.usage.record(key, model, rows=scored)
             payload, headers = oip_rest.infer_response_body(answer, parsed.outputs)
             return web.Response(body=payload, headers=headers)
         except _TooLarge as error:
@@ -304,8 +310,12 @@ class OipRoutes:
             return _error(error_response(error))
 
     async def _caller(self, request: web.Request) -> Any:
-        key = await self.gateway.admit(request, Scope.SCORE)
-        return Caller(tenant=key.tenant, principal=key.id, scopes=frozenset(key.scopes)).metadata()
+        return _metadata(await self.gateway.admit(request, Scope.SCORE))
+
+
+def _metadata(key: ApiKey) -> Any:
+    """The gRPC metadata that makes a call act for ``key``'s tenant, as ``key``."""
+    return Caller(tenant=key.tenant, principal=key.id, scopes=frozenset(key.scopes)).metadata()
 
 
 def _model_and_version(request: web.Request) -> tuple[str, str]:

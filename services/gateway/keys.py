@@ -505,20 +505,33 @@ class KeyStore:
             )
 
     async def read_usage(
-        self, *, key_id: str | None = None, tenant: str | None = None, since: datetime | None = None
+        self,
+        *,
+        key_id: str | None = None,
+        tenant: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        hourly: bool = True,
     ) -> builtins.list[UsageRow]:
-        """Usage rows of ``key_id`` and/or ``tenant`` (None: any) whose hour ends after
-        ``since`` (None: all), oldest first, then by key and model."""
+        """Usage rows of ``key_id``, ``tenant`` and ``model`` (None: any) of the hours from
+        the one holding ``since`` (None: the first) to those starting before ``until`` (None:
+        now). ``hourly``: one row per hour, oldest first, then by key and model; else one per
+        key and model summed over those hours (``bucket`` is the first hour counted)."""
+        filters = """($1::text IS NULL OR key_id = $1) AND ($2::text IS NULL OR tenant = $2)
+                     AND ($3::text IS NULL OR model = $3)
+                     AND ($4::timestamptz IS NULL OR bucket > $4 - interval '1 hour')
+                     AND ($5::timestamptz IS NULL OR bucket < $5)"""
+        if hourly:
+            query = f"""SELECT key_id, tenant, model, bucket, requests, rows FROM usage
+                        WHERE {filters} ORDER BY bucket, key_id, model"""
+        else:
+            query = f"""SELECT key_id, tenant, model, min(bucket) AS bucket,
+                               sum(requests)::bigint AS requests, sum(rows)::bigint AS rows
+                        FROM usage WHERE {filters}
+                        GROUP BY key_id, tenant, model ORDER BY key_id, model"""
         async with translated_errors():
-            rows = await self._pool.fetch(
-                """SELECT key_id, tenant, model, bucket, requests, rows FROM usage
-                   WHERE ($1::text IS NULL OR key_id = $1) AND ($2::text IS NULL OR tenant = $2)
-                     AND ($3::timestamptz IS NULL OR bucket > $3 - interval '1 hour')
-                   ORDER BY bucket, key_id, model""",
-                key_id,
-                tenant,
-                since,
-            )
+            rows = await self._pool.fetch(query, key_id, tenant, model, since, until)
         return [
             UsageRow(r["key_id"], r["tenant"], r["model"], r["bucket"], r["requests"], r["rows"])
             for r in rows

@@ -7,17 +7,19 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 from collections.abc import Mapping
 from typing import Final
 
 import grpc.aio
 from aiohttp import web
 from google.protobuf.descriptor import ServiceDescriptor
+from scoremesh.gateway.v1 import admin_pb2
+from scoremesh.gateway.v1.admin_pb2_grpc import add_AdminServicer_to_server
 from scoremesh.registry.v1 import registry_pb2
 from scoremesh.scoring.v1 import scoring_pb2
 
 from services import __version__
+from services.gateway.admin_servicer import AdminServicer
 from services.gateway.app import Gateway
 from services.gateway.http_rules import bindings_of
 from services.gateway.keys import KeyStore, RateLimit, ensure_admin_key
@@ -27,14 +29,15 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.transcoding import Router
 from services.mesh.channels import open_channel
 from services.mesh.postgres import database
-from services.mesh.server import address_file
+from services.mesh.server import MeshServer, Registration, address_file, announce, serve
 from services.mesh.telemetry import configure_logging
 
 log = logging.getLogger(__name__)
 
 REGISTRY = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"]
 SCORING = scoring_pb2.DESCRIPTOR.services_by_name["Scoring"]
-SERVICES: Final[Mapping[str, ServiceDescriptor]] = {s.full_name: s for s in (REGISTRY, SCORING)}
+ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
+SERVICES: Final[Mapping[str, ServiceDescriptor]] = {s.full_name: s for s in (REGISTRY, SCORING, ADMIN)}
 """Every service whose annotated RPCs the gateway serves under /v1, by full name."""
 
 
@@ -67,10 +70,8 @@ def build_gateway(
 
 
 async def run(settings: GatewaySettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    """Serves until SIGTERM or SIGINT: the Admin service over gRPC, and HTTP in front of the
+    registry, scoring and that Admin service."""
     async with (
         database(settings.database_url, settings.mesh.home) as database_url,
         open_channel(settings.registry_addr, settings.mesh) as registry,
@@ -86,29 +87,45 @@ async def run(settings: GatewaySettings) -> None:
                     f"admin key (shown once, also in {settings.mesh.home / 'admin.key'}): {admin_key}",
                     flush=True,
                 )
-            gateway = build_gateway(
-                channels={REGISTRY.full_name: registry, SCORING.full_name: scoring},
-                keys=keys,
-                usage=usage,
-                limiter=RateLimiter(RateLimit(settings.rate_per_second, settings.burst)),
-                max_body_bytes=settings.max_body_bytes,
-                call_timeout_s=settings.mesh.default_deadline_s,
-                inference=scoring,
+            admin_server = MeshServer(
+                "gateway-admin",
+                [Registration(ADMIN.full_name, add_AdminServicer_to_server, AdminServicer(keys, usage))],
+                settings.mesh,
+                host=settings.host,
+                port=settings.grpc_port,
             )
-            runner = web.AppRunner(gateway.application(), access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, settings.host, settings.port)
-            await site.start()
-            port = runner.addresses[0][1]
-            announced = address_file(settings.mesh.home, "gateway")
-            announced.parent.mkdir(parents=True, exist_ok=True)
-            announced.write_text(f"{settings.host}:{port}\n")
-            log.info("gateway listening on http://%s:%d", settings.host, port)
-            try:
-                await stop.wait()
-            finally:
-                announced.unlink(missing_ok=True)
-                await runner.cleanup()
+            await admin_server.start()
+            # announced before the HTTP address, which tells `scoremesh up` the gateway is up
+            announce(address_file(settings.mesh.home, admin_server.name), admin_server.address)
+            async with open_channel(admin_server.address, settings.mesh) as admin:
+                gateway = build_gateway(
+                    channels={
+                        REGISTRY.full_name: registry,
+                        SCORING.full_name: scoring,
+                        ADMIN.full_name: admin,
+                    },
+                    keys=keys,
+                    usage=usage,
+                    limiter=RateLimiter(RateLimit(settings.rate_per_second, settings.burst)),
+                    max_body_bytes=settings.max_body_bytes,
+                    call_timeout_s=settings.mesh.default_deadline_s,
+                    inference=scoring,
+                )
+                runner = web.AppRunner(gateway.application(), access_log=None)
+                await runner.setup()
+                try:
+                    await web.TCPSite(runner, settings.host, settings.port).start()
+                    port = runner.addresses[0][1]
+                    announced = announce(
+                        address_file(settings.mesh.home, "gateway"), f"{settings.host}:{port}"
+                    )
+                    log.info("gateway listening on http://%s:%d", settings.host, port)
+                    try:
+                        await serve(admin_server)
+                    finally:
+                        announced.unlink(missing_ok=True)
+                finally:
+                    await runner.cleanup()
         finally:
             await usage.close()
             await keys.close()

@@ -581,6 +581,14 @@ def _parse_outputs(
 # Responses
 
 
+def rows_of(request: pb.ModelInferRequest) -> int:
+    """The rows a request scores, for the usage counters: axis 0 of its first input (the
+    scoring service refuses inputs whose rows disagree); 1 for a request of scalars."""
+    for tensor in request.inputs:
+        return int(tensor.shape[0]) if tensor.shape else 1
+    return 0
+
+
 def infer_response_body(
     response: pb.ModelInferResponse, preferences: OutputPreferences
 ) -> tuple[bytes, dict[str, str]]:

@@ -189,12 +189,21 @@ class UsageRecorder:
             await self._write()
 
     async def usage(
-        self, *, key_id: str | None = None, tenant: str | None = None, since: datetime | None = None
+        self,
+        *,
+        key_id: str | None = None,
+        tenant: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        hourly: bool = True,
     ) -> list[UsageRow]:
-        """Usage of ``key_id`` and/or ``tenant`` (None: any) from the hour holding ``since``
-        on (None: all time), counts recorded up to this call included (it flushes first)."""
+        """:meth:`KeyStore.read_usage`, counts recorded up to this call included (it flushes
+        first)."""
         await self.flush()
-        return await self._store.read_usage(key_id=key_id, tenant=tenant, since=since)
+        return await self._store.read_usage(
+            key_id=key_id, tenant=tenant, model=model, since=since, until=until, hourly=hourly
+        )
 
     async def close(self) -> None:
         """Stops the task and writes what is left; finishes even if the caller is cancelled

@@ -17,6 +17,9 @@ class GatewaySettings:
     """SCOREMESH_GATEWAY_HOST: the address to listen on (default 127.0.0.1)."""
     port: int
     """SCOREMESH_GATEWAY_PORT: the HTTP port (default 8080; 0 lets the OS choose)."""
+    grpc_port: int
+    """SCOREMESH_GATEWAY_GRPC_PORT: the gRPC port of the gateway's Admin service (API keys and
+    usage), on the same host (default 50054; 0 lets the OS choose)."""
     registry_addr: str
     """SCOREMESH_REGISTRY_ADDR: the registry (default 127.0.0.1:50051)."""
     scoring_addr: str
@@ -40,6 +43,7 @@ class GatewaySettings:
             mesh=MeshSettings.from_env(env),
             host=env_str(env, "SCOREMESH_GATEWAY_HOST", "127.0.0.1"),
             port=env_int(env, "SCOREMESH_GATEWAY_PORT", 8080, minimum=0, maximum=65535),
+            grpc_port=env_int(env, "SCOREMESH_GATEWAY_GRPC_PORT", 50054, minimum=0, maximum=65535),
             registry_addr=env_str(env, "SCOREMESH_REGISTRY_ADDR", "127.0.0.1:50051"),
             scoring_addr=env_str(env, "SCOREMESH_SCORING_ADDR", "127.0.0.1:50052"),
             database_url=resolve_database_url(env),

@@ -29,7 +29,15 @@ from services.mesh.channels import KEEPALIVE_TIME_MS
 from services.mesh.interceptors import MeshServerInterceptor
 from services.mesh.settings import MeshSettings
 
-__all__ = ["HEALTH_SERVICE", "REFLECTION_SERVICE", "MeshServer", "Registration", "address_file", "serve"]
+__all__ = [
+    "HEALTH_SERVICE",
+    "REFLECTION_SERVICE",
+    "MeshServer",
+    "Registration",
+    "address_file",
+    "announce",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +104,10 @@ class MeshServer:
         self._bound_port: int | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
+
+    @property
+    def started(self) -> bool:
+        return self._server is not None
 
     @property
     def port(self) -> int:
@@ -196,11 +208,12 @@ async def serve(
     cleanup: Sequence[Callable[[], Awaitable[None]]] = (),
     stop_event: asyncio.Event | None = None,
 ) -> None:
-    """Runs ``server`` until SIGTERM or SIGINT (or until ``stop_event`` is set, or this task
-    is cancelled), then shuts down in order: health NOT_SERVING and ``stop`` with
-    ``settings.shutdown_grace_s``, each of ``cleanup`` in order, a flush of the telemetry
-    SDK if one is installed. Every shutdown step runs to its end even if this task is
-    cancelled meanwhile, and a failing step is logged without skipping the next ones.
+    """Runs ``server`` (starting it unless it was started already) until SIGTERM or SIGINT
+    (or until ``stop_event`` is set, or this task is cancelled), then shuts down in order:
+    health NOT_SERVING and ``stop`` with ``settings.shutdown_grace_s``, each of ``cleanup`` in
+    order, a flush of the telemetry SDK if one is installed. Every shutdown step runs to its
+    end even if this task is cancelled meanwhile, and a failing step is logged without
+    skipping the next ones.
 
     While serving, the bound address is announced in :func:`address_file`.
     """
@@ -209,8 +222,9 @@ async def serve(
     restore_signals = _install_signal_handlers(loop, stop)
     announced: Path | None = None
     try:
-        await server.start()
-        announced = _announce(address_file(server.settings.home, server.name), server.address)
+        if not server.started:
+            await server.start()
+        announced = announce(address_file(server.settings.home, server.name), server.address)
         await stop.wait()
     finally:
         cancelled = False
@@ -227,7 +241,8 @@ async def serve(
             raise asyncio.CancelledError
 
 
-def _announce(path: Path, address: str) -> Path:
+def announce(path: Path, address: str) -> Path:
+    """Writes ``address`` to ``path`` atomically (see :func:`address_file`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # written beside and renamed, so that a reader never sees half an address
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

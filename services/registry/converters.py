@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2
 from scoremesh.registry.v1 import registry_pb2 as pb
 
+from services.mesh.conversions import timestamp
 from services.mesh.errors import InvalidArgument
 from services.registry.domain import (
     Alias,
@@ -34,14 +34,6 @@ _EVENT_TO_PB = {
     EventType.ALIAS_SET: pb.ALIAS_SET,
     EventType.ALIAS_DELETED: pb.ALIAS_DELETED,
 }
-
-
-def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def visibility_from_pb(value: int, field: str) -> Visibility | None:

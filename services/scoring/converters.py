@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from google.protobuf import timestamp_pb2
 from scoremesh.scoring.v1 import scoring_pb2 as pb
 
+from services.mesh.conversions import timestamp
 from services.scoring.predictions import FeedbackRecord, LoggedTensor, Prediction
-
-
-def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def tensor_to_pb(tensor: LoggedTensor) -> pb.Tensor:

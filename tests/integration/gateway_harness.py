@@ -11,14 +11,20 @@ from pathlib import Path
 import aiohttp
 import grpc.aio
 from aiohttp.test_utils import TestServer
+from scoremesh.gateway.v1.admin_pb2_grpc import add_AdminServicer_to_server
 
+from services.gateway.admin_servicer import AdminServicer
 from services.gateway.keys import KeyStore, RateLimit
-from services.gateway.main import REGISTRY, SCORING, build_gateway
+from services.gateway.main import ADMIN, REGISTRY, SCORING, build_gateway
 from services.gateway.quotas import RateLimiter, UsageRecorder
+from services.mesh.channels import open_channel
+from services.mesh.server import MeshServer, Registration
+from services.mesh.settings import MeshSettings
 from tests.integration.registry_harness import registry_env, running_registry
 from tests.integration.scoring_harness import running_scoring, scoring_env
 
 MAX_BODY = 64 * 1024
+ADMIN_SETTINGS = MeshSettings.from_env({"SCOREMESH_INTERNAL_TOKEN": "gateway-harness-internal-token"})
 
 
 @dataclass
@@ -27,6 +33,9 @@ class RunningGateway:
     http: aiohttp.ClientSession
     keys: KeyStore
     usage: UsageRecorder
+    admin: grpc.aio.Channel
+    """A mesh channel (with the internal token) to the gateway's Admin service."""
+    admin_address: str
 
     async def key(self, tenant: str, *scopes: str, rate: RateLimit | None = None) -> dict[str, str]:
         """Headers carrying a new key of ``tenant`` with ``scopes``."""
@@ -42,26 +51,38 @@ async def serving_gateway(
     *,
     max_body_bytes: int = MAX_BODY,
 ) -> AsyncIterator[RunningGateway]:
-    """The gateway in front of ``channels`` (full service name → channel)."""
+    """The gateway in front of ``channels`` (full service name → channel) and of its own
+    Admin service, served as main serves it (with an internal token)."""
     keys = await KeyStore.open(database_url)
     usage = UsageRecorder(keys)
     usage.start()
-    app = build_gateway(
-        channels=channels,
-        keys=keys,
-        usage=usage,
-        limiter=RateLimiter(),
-        max_body_bytes=max_body_bytes,
-        call_timeout_s=30.0,
-        inference=inference,
-    ).application()
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
+    admin_server = MeshServer(
+        "gateway-admin",
+        [Registration(ADMIN.full_name, add_AdminServicer_to_server, AdminServicer(keys, usage))],
+        ADMIN_SETTINGS,
+    )
+    await admin_server.start()
     try:
-        async with aiohttp.ClientSession() as http:
-            yield RunningGateway(str(server.make_url("")).rstrip("/"), http, keys, usage)
+        async with open_channel(admin_server.address, ADMIN_SETTINGS) as admin:
+            app = build_gateway(
+                channels={**channels, ADMIN.full_name: admin},
+                keys=keys,
+                usage=usage,
+                limiter=RateLimiter(),
+                max_body_bytes=max_body_bytes,
+                call_timeout_s=30.0,
+                inference=inference,
+            ).application()
+            server = TestServer(app, host="127.0.0.1", port=0)
+            await server.start_server()
+            try:
+                async with aiohttp.ClientSession() as http:
+                    url = str(server.make_url("")).rstrip("/")
+                    yield RunningGateway(url, http, keys, usage, admin, admin_server.address)
+            finally:
+                await server.close()
     finally:
-        await server.close()
+        await admin_server.stop(0)
         await usage.close()
         await keys.close()
 

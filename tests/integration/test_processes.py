@@ -191,6 +191,7 @@ async def test_scoremesh_up_starts_the_mesh_and_stops_on_ctrl_c(tmp_path: Path) 
             "SCOREMESH_REGISTRY_PORT": "0",
             "SCOREMESH_SCORING_PORT": "0",
             "SCOREMESH_GATEWAY_PORT": "0",
+            "SCOREMESH_GATEWAY_GRPC_PORT": "0",
             "SCOREMESH_LOG_FORMAT": "text",
         }
     )
@@ -232,6 +233,12 @@ async def test_scoremesh_up_starts_the_mesh_and_stops_on_ctrl_c(tmp_path: Path) 
                 assert (await response.json())["latestVersion"] == "1"
             async with http.get(f"http://{gateway}/v1/models/up-model") as response:
                 assert response.status == 401
+        # the CLI manages keys through the gateway's Admin service with the token up made
+        admin = address_file(home, "gateway-admin").read_text().strip()
+        assert any(admin in line for line in banner)
+        code, out, err = await _cli({**env, "SCOREMESH_GATEWAY_ADMIN_ADDR": admin}, "keys", "list", "--json")
+        assert code == 0, err
+        assert [key["tenant"] for key in json.loads(out)] == ["default"]
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 60) == 0
         # the private cluster was stopped with everything else

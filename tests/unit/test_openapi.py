@@ -19,6 +19,7 @@ from scoremesh.registry.v1 import registry_pb2
 from scoremesh.scoring.v1 import scoring_pb2
 
 from services.gateway.http_rules import HttpBinding, bindings_of
+from services.gateway.main import SERVICES
 from services.gateway.openapi import (
     ERROR_STATUSES,
     UNAUTHENTICATED_PATHS,
@@ -32,12 +33,8 @@ METHODS = ("get", "put", "post", "delete", "patch")
 
 
 def _bindings() -> list[HttpBinding]:
-    return bindings_of(
-        [
-            registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"],
-            scoring_pb2.DESCRIPTOR.services_by_name["Scoring"],
-        ]
-    )
+    # every service the gateway serves, as it serves them
+    return bindings_of(SERVICES.values())
 
 
 @pytest.fixture(scope="module")
