@@ -9,14 +9,15 @@ from dataclasses import dataclass
 
 from scoremesh.registry.v1 import registry_pb2_grpc
 
+from services.mesh.artifacts import LocalArtifactStore
+from services.mesh.notify import EventListener
 from services.mesh.postgres import database
 from services.mesh.server import MeshServer, Registration, serve
 from services.mesh.telemetry import configure_logging, setup_tracing
-from services.registry.artifacts import LocalArtifactStore
 from services.registry.service import RegistryService
 from services.registry.servicer import SERVICE_NAME, RegistryServicer
 from services.registry.settings import RegistrySettings
-from services.registry.store import EventListener, RegistryStore
+from services.registry.store import RegistryStore, event_listener
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ async def build_registry(settings: RegistrySettings, database_url: str) -> Regis
     )
     artifacts = LocalArtifactStore(settings.mesh.home / "artifacts", io_executor)
     artifacts.sweep_abandoned_uploads()
-    events = EventListener(database_url)
+    events = event_listener(database_url)
     await events.start()
     service = RegistryService(
         store,

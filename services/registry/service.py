@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from services.mesh import paging
+from services.mesh.artifacts import ArtifactStore
 from services.mesh.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -25,7 +26,7 @@ from services.mesh.errors import (
     ResourceExhausted,
 )
 from services.mesh.identity import Caller
-from services.registry.artifacts import ArtifactStore
+from services.mesh.notify import EventListener
 from services.registry.domain import (
     DEFAULT_ALIAS,
     SHA256_PATTERN,
@@ -42,7 +43,7 @@ from services.registry.domain import (
     check_alias_name,
     check_model_name,
 )
-from services.registry.store import EventListener, RegistryStore
+from services.registry.store import RegistryStore
 from services.registry.verification import VerificationLimits, VerificationResult, verify_onnx
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,6 @@ same transaction, so an event exists exactly when its change committed.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +16,7 @@ import asyncpg
 
 from services.mesh.errors import AlreadyExists, FailedPrecondition, NotFound
 from services.mesh.migrations import migrated_pool
+from services.mesh.notify import EventListener
 from services.mesh.postgres import translated_errors
 from services.registry.domain import (
     Alias,
@@ -576,64 +575,9 @@ class RegistryStore:
         return [_event(row) for row in rows]
 
 
-class EventListener:
-    """One LISTEN connection per process that tells waiting watchers the newest event id.
-
-    Watchers read events from the table, so a missed notification only delays them until
-    the next one or the periodic re-check; the connection is re-opened when it drops.
-    """
-
-    def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
-        self._latest = 0
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="registry-event-listener")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def wait_beyond(self, cursor: int, timeout: float) -> None:
-        """Returns once an event newer than ``cursor`` was announced, or after ``timeout``."""
-        if self._latest > cursor:
-            return
-        wakeup = self._wakeup
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wakeup.wait(), timeout)
-
-    def _announce(self, event_id: int) -> None:
-        if event_id > self._latest:
-            self._latest = event_id
-            self._wakeup.set()
-            self._wakeup = asyncio.Event()
-
-    async def _run(self) -> None:
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self._dsn)
-                lost = asyncio.Event()
-
-                def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-                    self._announce(int(payload))
-
-                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
-                await conn.add_listener(EVENTS_CHANNEL, on_notify)
-                # events committed while we were not listening: wake everyone to re-read
-                self._announce(await conn.fetchval("SELECT coalesce(max(id), 0) FROM model_events"))
-                await lost.wait()
-                log.warning("event listener connection lost; reconnecting")
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                log.warning("event listener failed (%s); retrying in 1 s", error)
-                await asyncio.sleep(1.0)
-            finally:
-                if conn is not None and not conn.is_closed():
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(conn.close(timeout=2))
+def event_listener(dsn: str) -> EventListener:
+    """The registry's change stream: woken by NOTIFY on :data:`EVENTS_CHANNEL` with the new
+    event id; ``model_events`` holds the events themselves."""
+    return EventListener(
+        dsn, EVENTS_CHANNEL, "SELECT coalesce(max(id), 0) FROM model_events", name="registry-events"
+    )
