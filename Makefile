@@ -39,6 +39,7 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.registry
 	$(BIN)/python -m bench.scoring
+	$(BIN)/python -m bench.gateway
 
 clean:
 	rm -rf $(VENV)

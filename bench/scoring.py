@@ -20,12 +20,10 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -35,18 +33,23 @@ import onnxruntime as ort
 import tritonclient.grpc.aio as triton_grpc
 from tritonclient.grpc import InferInput
 
-from bench.common import percentile, wait_for_file
-from services.mesh.channels import open_channel
+from bench.common import (
+    BenchModel,
+    bounded_load,
+    child_named,
+    cpu_delta,
+    cpu_snapshot,
+    machine_ticks,
+    percentile,
+    publish,
+    scoring_env,
+    service_process,
+)
 from services.mesh.identity import Caller
 from services.mesh.postgres import database, resolve_database_url
-from services.mesh.server import address_file
-from services.mesh.settings import MeshSettings
-from services.registry.client import RegistryClient
-from services.registry.converters import signature_from_pb
 from services.scoring.backend import LoadedVersion
 from services.scoring.main import build_scoring
 from services.scoring.oip import pb
-from services.scoring.router import batch_size_for
 from services.scoring.service import ScoringService
 from services.scoring.settings import ScoringSettings
 from services.scoring.triton_backend import TritonBackend
@@ -56,28 +59,17 @@ from tests import onnx_factory
 
 RESULTS: Final = Path(__file__).parent / "results" / "scoring.json"
 CALLER: Final = Caller(tenant="bench", principal="bench")
-STOP_TIMEOUT_S: Final = 30.0
 CALL_TIMEOUT_S: Final = 10.0
 # the scoring service's defaults, which (a) copies so that Triton sees the same model config
 MAX_BATCH_SIZE: Final = 64
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 DISTINCT_ROWS: Final = 64
-CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 SETUPS: Final = {
     "a": "tritonclient -> Triton",
     "b": "tritonclient -> scoring -> Triton",
     "c": "tritonclient -> scoring (onnxruntime)",
     "d": "the scoring data plane on onnxruntime, called in process (no gRPC)",
 }
-
-
-@dataclass(frozen=True)
-class BenchModel:
-    key: str
-    name: str
-    description: str
-    onnx: bytes
-    features: int
 
 
 def bench_models() -> list[BenchModel]:
@@ -154,126 +146,6 @@ class Run:
     noisy neighbour makes every other number worse."""
 
 
-# process accounting
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        with contextlib.suppress(OSError):
-            found.extend(int(child) for child in task.read_text().split())
-    return found
-
-
-def process_tree(roots: Iterable[int]) -> list[int]:
-    """The pids of ``roots`` and all their descendants (tritonserver, python backend stubs)."""
-    pids: list[int] = []
-    pending = list(roots)
-    while pending:
-        pid = pending.pop()
-        pids.append(pid)
-        pending.extend(_children(pid))
-    return pids
-
-
-def cpu_snapshot(roots: Iterable[int]) -> dict[int, float]:
-    """CPU seconds (user + system, all threads) of every process in the trees of ``roots``."""
-    snapshot: dict[int, float] = {}
-    for pid in process_tree(roots):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue  # exited meanwhile
-        # fields after the parenthesised command (which may hold spaces): utime and stime are
-        # fields 14 and 15 of the stat line, 11 and 12 once the first three are gone
-        fields = stat.rsplit(")", 1)[1].split()
-        snapshot[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    return snapshot
-
-
-def machine_ticks() -> tuple[int, int]:
-    """(steal, total) clock ticks of the whole machine, from the first line of /proc/stat."""
-    fields = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return fields[7], sum(fields)
-
-
-def cpu_delta(before: Mapping[int, float], after: Mapping[int, float]) -> float:
-    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
-
-
-def child_named(pid: int, command: str) -> int:
-    """The child of ``pid`` whose command is ``command`` (one of our own processes)."""
-    for child in _children(pid):
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{child}/comm").read_text().strip() == command:
-                return child
-    raise RuntimeError(f"process {pid} has no child {command}")
-
-
-# processes
-
-
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    """SIGTERM, then SIGKILL if the process outlives STOP_TIMEOUT_S; by pid, never by name."""
-    if process.returncode is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-
-
-@dataclass(frozen=True)
-class Service:
-    address: str
-    pid: int
-
-
-@contextlib.asynccontextmanager
-async def service_process(name: str, home: Path, env: Mapping[str, str]) -> AsyncIterator[Service]:
-    """``scoremesh serve <name>`` as a child process, until it announces its address."""
-    environment = {
-        **os.environ,
-        "SCOREMESH_HOME": str(home),
-        "SCOREMESH_LOG_LEVEL": "WARNING",
-        **env,
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", "serve", name, env=environment
-    )
-    try:
-        address = await wait_for_file(address_file(home, name), process)
-        yield Service(address, process.pid)
-    finally:
-        await asyncio.shield(_stop(process))
-
-
-async def publish(registry_address: str, models: list[BenchModel], workdir: Path) -> list[LoadedVersion]:
-    """Pushes every model with alias ``production``; returns them as a backend loads them."""
-    versions = []
-    async with open_channel(registry_address, MeshSettings.from_env({})) as channel:
-        client = RegistryClient(channel, CALLER)
-        for model in models:
-            path = workdir / f"{model.name}.onnx"
-            path.write_bytes(model.onnx)
-            pushed = (await client.push(model.name, path, alias="production", timeout=300)).version
-            assert pushed.verification.passed, pushed.verification
-            signature = signature_from_pb(pushed.signature)
-            versions.append(
-                LoadedVersion(
-                    model=model.name,
-                    version=int(pushed.version),
-                    sha256=pushed.sha256,
-                    signature=signature,
-                    onnx_bytes=model.onnx,
-                    max_batch_size=batch_size_for(signature, MAX_BATCH_SIZE),
-                )
-            )
-    return versions
-
-
 # load generation
 
 
@@ -302,23 +174,14 @@ async def load(
     ``requests`` were sent or ``time_limit_s`` passed; returns each request's latency."""
     name = target.model_name(version)
     headers = dict(target.headers)
-    latencies: list[float] = []
-    deadline = time.monotonic() + time_limit_s
-    remaining = requests
 
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0 and time.monotonic() < deadline:
-            remaining -= 1
-            infer_input = inputs[remaining % len(inputs)]
-            started = time.perf_counter()
-            await client.infer(
-                name, [infer_input], model_version="", headers=headers, client_timeout=CALL_TIMEOUT_S
-            )
-            latencies.append(time.perf_counter() - started)
+    async def send(index: int) -> None:
+        infer_input = inputs[index % len(inputs)]
+        await client.infer(
+            name, [infer_input], model_version="", headers=headers, client_timeout=CALL_TIMEOUT_S
+        )
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies
+    return await bounded_load(send, concurrency, requests, time_limit_s)
 
 
 async def check_answers(
@@ -376,13 +239,13 @@ async def measure(
     server_before = cpu_snapshot(target.server_pids)
     triton_pids = () if target.triton_pid is None else (target.triton_pid,)
     triton_before = cpu_snapshot(triton_pids)
-    steal_before, total_before = machine_ticks()
+    ticks_before = machine_ticks()
     client_started = time.process_time()
     started = time.perf_counter()
     latencies = await load(client, target, version, inputs, concurrency, limits.requests, limits.time_limit_s)
     elapsed = time.perf_counter() - started
     client_cpu = time.process_time() - client_started
-    steal_after, total_after = machine_ticks()
+    ticks_after = machine_ticks()
     server_cpu = cpu_delta(server_before, cpu_snapshot(target.server_pids))
     triton_cpu = cpu_delta(triton_before, cpu_snapshot(triton_pids)) if triton_pids else None
     counts_after = await triton_counts(stats_client, name)
@@ -406,7 +269,9 @@ async def measure(
         client_cpu_us_per_req=round(client_cpu / count * 1e6, 1),
         batch_size=batch_size,
         rows_per_triton_request=per_request,
-        steal_pct=round(100 * (steal_after - steal_before) / max(1, total_after - total_before), 1),
+        steal_pct=round(
+            100 * (ticks_after.steal - ticks_before.steal) / max(1, ticks_after.total - ticks_before.total), 1
+        ),
     )
 
 
@@ -479,17 +344,7 @@ async def bench_scoring(
     limits: Limits,
 ) -> list[Run]:
     """(b) or (c): a scoring process; with Triton, its tritonserver child and stubs count too."""
-    env = {
-        "SCOREMESH_DATABASE_URL": database_url,
-        "SCOREMESH_SCORING_PORT": "0",
-        "SCOREMESH_REGISTRY_ADDR": registry_address,
-        "SCOREMESH_SCORING_BACKEND": backend,
-        # the prediction log is off: (a) logs nothing either
-        "SCOREMESH_PREDICTION_LOG_RATE": "0",
-        "SCOREMESH_CACHE_BYTES": "0",
-        "SCOREMESH_CANARY_INTERVAL_S": "0",
-        "SCOREMESH_MAX_BATCH_SIZE": str(MAX_BATCH_SIZE),
-    }
+    env = scoring_env(database_url, registry_address, backend, MAX_BATCH_SIZE)
     async with service_process("scoring", workdir / f"scoring-{backend}", env) as scoring:
         # the scoring service's own tritonserver: its child, found by pid, not by name
         triton_pid = child_named(scoring.pid, "tritonserver") if backend == "triton" else None
@@ -623,7 +478,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         async with database(resolve_database_url(os.environ), workdir) as database_url:
             registry_env = {"SCOREMESH_DATABASE_URL": database_url, "SCOREMESH_REGISTRY_PORT": "0"}
             async with service_process("registry", workdir / "registry", registry_env) as registry:
-                versions = await publish(registry.address, models, workdir)
+                versions = await publish(
+                    registry.address, models, workdir, caller=CALLER, max_batch_size=MAX_BATCH_SIZE
+                )
                 print(HEADER, flush=True)
                 if "a" in args.setups:
                     runs += await bench_direct(workdir, models, versions, limits)
