@@ -15,11 +15,18 @@ from typing import Any, Final
 import grpc
 import grpc.aio
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
 from services.gateway import oip_rest
-from services.gateway.http_errors import ErrorResponse, error_response, ndjson_error, payload_too_large
+from services.gateway.http_errors import (
+    ErrorResponse,
+    MethodNotAllowed,
+    error_response,
+    ndjson_error,
+    payload_too_large,
+)
 from services.gateway.http_rules import HttpBinding
 from services.gateway.keys import ApiKey, KeyStore, Scope, bearer_token, require
 from services.gateway.openapi import docs_html
@@ -31,7 +38,8 @@ from services.gateway.transcoding import (
     ndjson_line,
     response_json,
 )
-from services.mesh.errors import MeshError, ResourceExhausted
+from services.mesh.channels import mesh_headers
+from services.mesh.errors import MeshError, NotFound, ResourceExhausted
 from services.mesh.identity import Caller
 from services.scoring.oip import pb, pb_grpc
 
@@ -40,9 +48,11 @@ log = logging.getLogger(__name__)
 NDJSON: Final = "application/x-ndjson"
 JSON: Final = "application/json"
 _READ_METHODS: Final = frozenset({"GET"})
+CALLER_CACHE_MAX: Final = 10_000
 # what a route needs beyond the default (models:read to read, models:write to change)
 _SCOPES: Final[Mapping[str, Scope]] = {
     "scoremesh.scoring.v1.Scoring": Scope.SCORE,
+    "scoremesh.training.v1.Training": Scope.TRAIN,
     "scoremesh.gateway.v1.Admin": Scope.ADMIN,
 }
 
@@ -78,11 +88,14 @@ class Gateway:
     openapi_json: bytes
     call_timeout_s: float
     inference: grpc.aio.Channel | None = None
-    """The scoring service, for the Open Inference Protocol's REST binding under /v2."""
+    """The scoring service, for the Open Inference Protocol's REST binding under /v2: a lean
+    channel (no interceptors), so the /v2 routes send the mesh's headers themselves."""
+    internal_token: str | None = None
     _callables: dict[tuple[str, str], Any] = field(default_factory=dict)
+    _caller_metadata: dict[str, tuple[ApiKey, tuple[tuple[str, str], ...]]] = field(default_factory=dict)
 
     def application(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes)
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[_json_routing_errors])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/openapi.json", self.openapi)
         app.router.add_get("/docs", self.docs)
@@ -116,7 +129,7 @@ class Gateway:
             match = self.router.match(request.method, request.raw_path.split("?", 1)[0])
             binding = match.binding
             key = await self.admit(request, required_scope(binding))
-            metadata = _metadata(key)
+            metadata = self.caller_metadata(key)
             query = list(request.query.items())
             if binding.client_streaming:
                 upload = build_upload_messages(
@@ -157,6 +170,22 @@ class Gateway:
         if wait > 0:
             raise _RateLimited(key.id, retry_after_seconds(wait))
         return key
+
+    def caller_metadata(self, key: ApiKey) -> tuple[tuple[str, str], ...]:
+        """The metadata that makes a call act for ``key``'s tenant, as ``key``: made once per
+        key object (the key store hands out the same object while it trusts its cache)."""
+        cached = self._caller_metadata.get(key.id)
+        if cached is None or cached[0] is not key:
+            if len(self._caller_metadata) >= CALLER_CACHE_MAX:
+                self._caller_metadata.clear()
+            caller = Caller(tenant=key.tenant, principal=key.id, scopes=frozenset(key.scopes))
+            cached = (key, caller.metadata())
+            self._caller_metadata[key.id] = cached
+        return cached[1]
+
+    def inference_metadata(self, key: ApiKey) -> tuple[tuple[str, str], ...]:
+        """The caller's metadata plus what the lean /v2 channel's interceptors would add."""
+        return (*self.caller_metadata(key), *mesh_headers(self.internal_token).items())
 
     async def read_body(self, request: web.Request) -> bytes | None:
         if not request.can_read_body:
@@ -234,10 +263,15 @@ class OipRoutes:
     stub: Any
 
     async def live(self, request: web.Request) -> web.Response:
-        return await self._health(self.stub.ServerLive(pb.ServerLiveRequest(), timeout=5), "live")
+        call = self.stub.ServerLive(pb.ServerLiveRequest(), metadata=self._mesh_headers(), timeout=5)
+        return await self._health(call, "live")
 
     async def ready(self, request: web.Request) -> web.Response:
-        return await self._health(self.stub.ServerReady(pb.ServerReadyRequest(), timeout=5), "ready")
+        call = self.stub.ServerReady(pb.ServerReadyRequest(), metadata=self._mesh_headers(), timeout=5)
+        return await self._health(call, "ready")
+
+    def _mesh_headers(self) -> tuple[tuple[str, str], ...]:
+        return tuple(mesh_headers(self.gateway.internal_token).items())
 
     async def _health(self, call: Any, field: str) -> web.Response:
         try:
@@ -251,11 +285,11 @@ class OipRoutes:
         try:
             await self.gateway.admit(request, Scope.SCORE)
             answer = await self.stub.ServerMetadata(
-                pb.ServerMetadataRequest(), timeout=self.gateway.call_timeout_s
+                pb.ServerMetadataRequest(), metadata=self._mesh_headers(), timeout=self.gateway.call_timeout_s
             )
             return _json(oip_rest.server_metadata_json(answer))
         except (MeshError, grpc.aio.AioRpcError) as error:
-            return _error(error_response(error))
+            return _error(error_response(error, oip=True))
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         try:
@@ -268,7 +302,7 @@ class OipRoutes:
             )
             return _json(oip_rest.model_metadata_json(answer))
         except (MeshError, grpc.aio.AioRpcError) as error:
-            return _error(error_response(error))
+            return _error(error_response(error, oip=True))
 
     async def model_ready(self, request: web.Request) -> web.Response:
         try:
@@ -279,7 +313,7 @@ class OipRoutes:
             answer = await self.stub.ModelReady(call, metadata=metadata, timeout=self.gateway.call_timeout_s)
             return web.Response(status=oip_rest.READY_STATUS if answer.ready else oip_rest.NOT_READY_STATUS)
         except (MeshError, grpc.aio.AioRpcError) as error:
-            return _error(error_response(error))
+            return _error(error_response(error, oip=True))
 
     async def infer(self, request: web.Request) -> web.Response:
         try:
@@ -296,7 +330,9 @@ class OipRoutes:
             scored = 0
             try:
                 answer = await self.stub.ModelInfer(
-                    parsed.request, metadata=_metadata(key), timeout=self.gateway.call_timeout_s
+                    parsed.request,
+                    metadata=self.gateway.inference_metadata(key),
+                    timeout=self.gateway.call_timeout_s,
                 )
                 scored = oip_rest.rows_of(parsed.request)
             finally:
@@ -305,17 +341,12 @@ class OipRoutes:
             payload, headers = oip_rest.infer_response_body(answer, parsed.outputs)
             return web.Response(body=payload, headers=headers)
         except _TooLarge as error:
-            return _error(payload_too_large(error.limit))
+            return _error(payload_too_large(error.limit, oip=True))
         except (MeshError, grpc.aio.AioRpcError) as error:
-            return _error(error_response(error))
+            return _error(error_response(error, oip=True))
 
     async def _caller(self, request: web.Request) -> Any:
-        return _metadata(await self.gateway.admit(request, Scope.SCORE))
-
-
-def _metadata(key: ApiKey) -> Any:
-    """The gRPC metadata that makes a call act for ``key``'s tenant, as ``key``."""
-    return Caller(tenant=key.tenant, principal=key.id, scopes=frozenset(key.scopes)).metadata()
+        return self.gateway.inference_metadata(await self.gateway.admit(request, Scope.SCORE))
 
 
 def _model_and_version(request: web.Request) -> tuple[str, str]:
@@ -348,6 +379,26 @@ def _serialize(message: Message) -> bytes:
 
 def _json(body: bytes) -> web.Response:
     return web.Response(body=body, content_type=JSON)
+
+
+@web.middleware
+async def _json_routing_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own 404 and 405, for a path no route has (``/v2/nowhere``) or a method a route
+    lacks (``POST /v2/health/live``), as the gateway's JSON error, like every other error."""
+    refusal = request.match_info.http_exception
+    if refusal is None:
+        return await handler(request)
+    path = request.raw_path.split("?", 1)[0]
+    oip = path == "/v2" or path.startswith("/v2/")
+    if isinstance(refusal, web.HTTPMethodNotAllowed):
+        allow = sorted(refusal.allowed_methods)
+        return _error(error_response(MethodNotAllowed(request.method, path, allow), oip=oip))
+    if isinstance(refusal, web.HTTPNotFound):
+        missing = NotFound(
+            f"no route for {request.method} {path}", reason="ROUTE_NOT_FOUND", metadata={"path": path}
+        )
+        return _error(error_response(missing, oip=oip))
+    return await handler(request)
 
 
 def _error(response: ErrorResponse) -> web.Response:

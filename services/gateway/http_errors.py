@@ -175,16 +175,21 @@ def _dump(document: Mapping[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def error_response(error: MeshError | grpc.RpcError) -> ErrorResponse:
-    """The HTTP response for ``error``: status, headers (``Allow`` on a 405) and JSON body."""
+def error_response(error: MeshError | grpc.RpcError, *, oip: bool = False) -> ErrorResponse:
+    """The HTTP response for ``error``: status, headers (``Allow`` on a 405) and JSON body.
+    ``oip``: for the Open Inference Protocol's routes, whose clients (tritonclient.http,
+    KServe's) read the message from an ``error`` member, which the body then also has."""
     err = error if isinstance(error, MeshError) else from_rpc_error(error)
     headers = err.headers if isinstance(err, GatewayError) else {}
-    return ErrorResponse(http_status(err), _dump(error_body(err)), dict(headers))
+    body = error_body(err)
+    if oip:
+        body = {"error": body["message"], **body}
+    return ErrorResponse(http_status(err), _dump(body), dict(headers))
 
 
-def payload_too_large(limit_bytes: int) -> ErrorResponse:
+def payload_too_large(limit_bytes: int, *, oip: bool = False) -> ErrorResponse:
     """The 413 response for a body over ``limit_bytes``."""
-    return error_response(PayloadTooLarge(limit_bytes))
+    return error_response(PayloadTooLarge(limit_bytes), oip=oip)
 
 
 def ndjson_error(error: MeshError | grpc.RpcError) -> bytes:

@@ -17,6 +17,7 @@ from scoremesh.gateway.v1 import admin_pb2
 from scoremesh.gateway.v1.admin_pb2_grpc import add_AdminServicer_to_server
 from scoremesh.registry.v1 import registry_pb2
 from scoremesh.scoring.v1 import scoring_pb2
+from scoremesh.training.v1 import training_pb2
 
 from services import __version__
 from services.gateway.admin_servicer import AdminServicer
@@ -27,7 +28,7 @@ from services.gateway.openapi import openapi_document
 from services.gateway.quotas import RateLimiter, UsageRecorder
 from services.gateway.settings import GatewaySettings
 from services.gateway.transcoding import Router
-from services.mesh.channels import open_channel
+from services.mesh.channels import open_channel, open_lean_channel
 from services.mesh.postgres import database
 from services.mesh.server import MeshServer, Registration, address_file, announce, serve
 from services.mesh.telemetry import configure_logging
@@ -36,8 +37,11 @@ log = logging.getLogger(__name__)
 
 REGISTRY = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"]
 SCORING = scoring_pb2.DESCRIPTOR.services_by_name["Scoring"]
+TRAINING = training_pb2.DESCRIPTOR.services_by_name["Training"]
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
-SERVICES: Final[Mapping[str, ServiceDescriptor]] = {s.full_name: s for s in (REGISTRY, SCORING, ADMIN)}
+SERVICES: Final[Mapping[str, ServiceDescriptor]] = {
+    s.full_name: s for s in (REGISTRY, SCORING, TRAINING, ADMIN)
+}
 """Every service whose annotated RPCs the gateway serves under /v1, by full name."""
 
 
@@ -50,6 +54,7 @@ def build_gateway(
     max_body_bytes: int,
     call_timeout_s: float,
     inference: grpc.aio.Channel | None,
+    internal_token: str | None = None,
 ) -> Gateway:
     """The gateway for the services in ``channels`` (full name → channel; each one of
     :data:`SERVICES`): routes and OpenAPI document from their descriptors, /v2 through
@@ -66,6 +71,7 @@ def build_gateway(
         openapi_json=json.dumps(document).encode(),
         call_timeout_s=call_timeout_s,
         inference=inference,
+        internal_token=internal_token,
     )
 
 
@@ -76,6 +82,8 @@ async def run(settings: GatewaySettings) -> None:
         database(settings.database_url, settings.mesh.home) as database_url,
         open_channel(settings.registry_addr, settings.mesh) as registry,
         open_channel(settings.scoring_addr, settings.mesh) as scoring,
+        open_channel(settings.training_addr, settings.mesh) as training,
+        open_lean_channel(settings.scoring_addr, settings.mesh) as inference,
     ):
         keys = await KeyStore.open(database_url)
         usage = UsageRecorder(keys)
@@ -102,6 +110,7 @@ async def run(settings: GatewaySettings) -> None:
                     channels={
                         REGISTRY.full_name: registry,
                         SCORING.full_name: scoring,
+                        TRAINING.full_name: training,
                         ADMIN.full_name: admin,
                     },
                     keys=keys,
@@ -109,7 +118,8 @@ async def run(settings: GatewaySettings) -> None:
                     limiter=RateLimiter(RateLimit(settings.rate_per_second, settings.burst)),
                     max_body_bytes=settings.max_body_bytes,
                     call_timeout_s=settings.mesh.default_deadline_s,
-                    inference=scoring,
+                    inference=inference,
+                    internal_token=settings.mesh.internal_token,
                 )
                 runner = web.AppRunner(gateway.application(), access_log=None)
                 await runner.setup()

@@ -685,6 +685,29 @@ def _oip_paths() -> dict[str, dict[str, Any]]:
         "/v2/health/ready": {
             "get": _plain_operation("OIP_ServerReady", _OIP_TAG, "Whether the server is ready", empty_ok)
         },
+        "/v2": {
+            "get": _plain_operation(
+                "OIP_ServerMetadata",
+                _OIP_TAG,
+                "The server's name, version and protocol extensions",
+                {
+                    "description": "OK.",
+                    "content": {
+                        JSON: {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "version": {"type": "string"},
+                                    "extensions": {"type": "array", "items": {"type": "string"}},
+                                },
+                                "required": ["name", "version", "extensions"],
+                            }
+                        }
+                    },
+                },
+            )
+        },
     }
     for prefix, params, suffix in (
         ("/v2/models/{model_name}", [name], ""),

@@ -24,6 +24,8 @@ class GatewaySettings:
     """SCOREMESH_REGISTRY_ADDR: the registry (default 127.0.0.1:50051)."""
     scoring_addr: str
     """SCOREMESH_SCORING_ADDR: the scoring service (default 127.0.0.1:50052)."""
+    training_addr: str
+    """SCOREMESH_TRAINING_ADDR: the training service (default 127.0.0.1:50053)."""
     database_url: str | None
     """SCOREMESH_DATABASE_URL or DATABASE_URL: where API keys and usage live; unset: a private
     PostgreSQL under SCOREMESH_HOME."""
@@ -46,6 +48,7 @@ class GatewaySettings:
             grpc_port=env_int(env, "SCOREMESH_GATEWAY_GRPC_PORT", 50054, minimum=0, maximum=65535),
             registry_addr=env_str(env, "SCOREMESH_REGISTRY_ADDR", "127.0.0.1:50051"),
             scoring_addr=env_str(env, "SCOREMESH_SCORING_ADDR", "127.0.0.1:50052"),
+            training_addr=env_str(env, "SCOREMESH_TRAINING_ADDR", "127.0.0.1:50053"),
             database_url=resolve_database_url(env),
             max_body_bytes=env_bytes(env, "SCOREMESH_GATEWAY_MAX_BODY_BYTES", 16 * 1024**2, minimum=1024),
             rate_per_second=env_float(env, "SCOREMESH_GATEWAY_RATE", 50.0, minimum=0.001),

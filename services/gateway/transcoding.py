@@ -224,21 +224,64 @@ def _named_path(descriptor: Descriptor, names: Sequence[str]) -> str:
     return ".".join(parts)
 
 
-def _invalid(error: json_format.ParseError, descriptor: Descriptor) -> InvalidArgument:
+# what json_format raises for bad input: ParseError, and a few built-in errors on odd shapes
+_PARSE_ERRORS: Final = (json_format.ParseError, ValueError, TypeError, AttributeError, RecursionError)
+
+
+def _refuses(document: Any, descriptor: Descriptor) -> bool:
+    try:
+        json_format.ParseDict(document, _new_message(descriptor), ignore_unknown_fields=False)
+    except _PARSE_ERRORS:
+        return True
+    return False
+
+
+def _culprit(document: Any, descriptor: Descriptor) -> list[str]:
+    """The proto path of the first field of ``document`` that json_format refuses on its own,
+    or ``[]`` when none does alone.
+
+    json_format's message names each field on the way except a member of a oneof ("Failed to
+    parse feedback field: Failed to parse shape field" for ``feedback.tensor.shape``), so the
+    path is found again by parsing piece by piece, in the order json_format reads and stops."""
+    if not isinstance(document, dict):
+        return []
+    for key, value in document.items():
+        field = _field_named(descriptor, key)
+        if field is None:
+            return [key]
+        if not _refuses({key: value}, descriptor):
+            continue
+        nested = field.message_type
+        if nested is None or _is_map(field) or nested.full_name.startswith("google.protobuf."):
+            return [field.name]
+        items = value if field.is_repeated and isinstance(value, list) else [value]
+        bad = next((item for item in items if _refuses(item, nested)), None)
+        return [field.name, *_culprit(bad, nested)]
+    return []
+
+
+def _invalid(
+    error: json_format.ParseError, descriptor: Descriptor, document: Mapping[str, Any]
+) -> InvalidArgument:
     """json_format's ParseError as InvalidArgument naming the field. json_format reports the
     field only in its message ("Failed to parse model field: Failed to parse name field: ..."),
-    so the path is read from there."""
+    where a oneof member's name is missing, so the path is found in ``document`` (see
+    :func:`_culprit`) and the description read from the message."""
     text = str(error)
     names = _FAILED_FIELD.findall(text)
     detail = text[text.rfind(" field: ") + len(" field: ") :] if names else text
     detail = _LOCATION.sub("", detail.split("\n", 1)[0].rstrip(".")).rstrip(".")
-    if unknown := _UNKNOWN_FIELD.search(text):
+    unknown = _UNKNOWN_FIELD.search(text)
+    oneof = None if unknown else _ONEOF.search(text)
+    if unknown:
         names.append(unknown.group(1))
         detail = "unknown field"
-    elif oneof := _ONEOF.search(text):
+    elif oneof:
         names.append(oneof.group(1))
         detail = "sets more than one field of the oneof"
-    field = _named_path(descriptor, names) if names else BODY_FIELD
+    # two members of a oneof: the oneof is named, though each member may be fine alone
+    path = [] if oneof else _culprit(document, descriptor)
+    field = ".".join(path) or (_named_path(descriptor, names) if names else BODY_FIELD)
     detail = _PYTHON_INT.sub(r"expected an integer, got \1", detail)
     return InvalidArgument.for_field(field, detail or "invalid value")
 
@@ -247,7 +290,7 @@ def _parse_dict(document: Mapping[str, Any], message: Message, descriptor: Descr
     try:
         json_format.ParseDict(document, message, ignore_unknown_fields=False)
     except json_format.ParseError as err:
-        raise _invalid(err, descriptor) from None
+        raise _invalid(err, descriptor, document) from None
     except (ValueError, TypeError, AttributeError, RecursionError) as err:
         # json_format lets a few built-in errors through on odd shapes (deep nesting above
         # all); they are still bad input, never a 500
@@ -303,6 +346,13 @@ def _merge_body(binding: HttpBinding, message: Message, body: bytes | None) -> N
             raise InvalidArgument.for_field(BODY_FIELD, "must be a JSON object", reason="INVALID_JSON")
         _parse_dict(document, message, binding.input_type)
     else:
+        field = _field_named(binding.input_type, binding.body)
+        nested = field.message_type if field is not None and not field.is_repeated else None
+        # a message (not one that proto3 JSON spells otherwise, as Timestamp) is an object:
+        # json_format would read [] as an empty message, and "text" as unknown fields t, e, x…
+        plain = nested is not None and not nested.full_name.startswith("google.protobuf.")
+        if plain and not isinstance(document, dict):
+            raise InvalidArgument.for_field(binding.body, "must be a JSON object", reason="INVALID_JSON")
         # wrapping the body under its field name lets json_format check it whatever the
         # field's type, and puts the field's name in front of every error path
         _parse_dict({binding.body: document}, message, binding.input_type)

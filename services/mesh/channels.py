@@ -97,6 +97,17 @@ def channel_options(settings: MeshSettings, *, retry_services: Sequence[str] = (
     return options
 
 
+def mesh_headers(internal_token: str | None) -> dict[str, str]:
+    """What every call inside the mesh carries: the current trace context and the mesh's
+    internal token. The interceptors of :func:`open_channel` add it; a hot path that calls
+    on a channel without them (:func:`open_lean_channel`) adds it itself."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    if internal_token:
+        carrier[INTERNAL_HEADER] = internal_token
+    return carrier
+
+
 class MeshClientInterceptor:
     """Gives calls without a timeout the default deadline and sends the current trace
     context, and the mesh's internal token when there is one, as metadata.
@@ -110,10 +121,7 @@ class MeshClientInterceptor:
         self._internal_token = internal_token
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        if self._internal_token:
-            carrier[INTERNAL_HEADER] = self._internal_token
+        carrier = mesh_headers(self._internal_token)
         timeout = details.timeout
         if timeout is not None and not carrier:
             return details
@@ -181,3 +189,10 @@ def open_channel(
         options=channel_options(settings, retry_services=retry_services),
         interceptors=interceptors,
     )
+
+
+def open_lean_channel(target: str, settings: MeshSettings) -> grpc.aio.Channel:
+    """A channel like :func:`open_channel` but without interceptors, for a hot path that sets
+    a timeout on every call and sends :func:`mesh_headers` itself: grpc.aio's interceptor
+    machinery costs about 50 µs of CPU per call."""
+    return grpc.aio.insecure_channel(target, options=channel_options(settings))

@@ -38,7 +38,7 @@ from urllib.parse import quote, urlsplit
 
 import asyncpg
 
-from services.mesh.errors import Unavailable
+from services.mesh.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -630,3 +630,9 @@ async def translated_errors() -> AsyncIterator[None]:
     except CONNECTION_ERRORS as error:
         reason = "DATABASE_UNAVAILABLE"
         raise Unavailable(f"database unavailable: {type(error).__name__}", reason=reason) from error
+    except asyncpg.DataError as error:
+        # PostgreSQL refused a value (a NUL character in text, NaN in json, a number out of
+        # range): the input's fault, though no validation named the field; logged so a
+        # missing check can be added
+        log.warning("PostgreSQL refused a value: %s: %s", type(error).__name__, error)
+        raise InvalidArgument(f"a value cannot be stored: {error}", reason="UNSTORABLE_VALUE") from error

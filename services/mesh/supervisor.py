@@ -46,7 +46,8 @@ class ProcessSpec:
 
     name: str
     argv: Sequence[str]
-    address_file: Path
+    address_file: Path | None
+    """None for a process that serves nothing (a worker): it counts as up once started."""
     health_service: str = ""
     http_health_path: str | None = None
     """For an HTTP service (the gateway): the path that answers 200 once it is ready; its
@@ -66,7 +67,8 @@ class Supervisor:
         self._watchers[spec.name] = asyncio.create_task(self._watch(spec), name=f"supervise-{spec.name}")
 
     async def _spawn(self, spec: ProcessSpec) -> None:
-        spec.address_file.unlink(missing_ok=True)
+        if spec.address_file is not None:
+            spec.address_file.unlink(missing_ok=True)
         env = {**os.environ, **spec.env}
         process = await asyncio.create_subprocess_exec(
             *spec.argv, env=env, stdin=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent
@@ -93,7 +95,9 @@ class Supervisor:
 
     async def wait_healthy(self, spec: ProcessSpec, timeout_s: float) -> str:
         """Waits for the service's address, then polls its health until SERVING; returns the
-        address. Raises TimeoutError past ``timeout_s``."""
+        address ("" for a process without one). Raises TimeoutError past ``timeout_s``."""
+        if spec.address_file is None:
+            return ""
         deadline = time.monotonic() + timeout_s
         while not spec.address_file.exists():
             if time.monotonic() > deadline:

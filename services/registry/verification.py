@@ -28,7 +28,7 @@ from typing import Any
 
 import onnx.defs
 
-import services
+from services.mesh.children import CODE_ROOT, child_env
 from services.mesh.errors import InvalidArgument
 from services.registry.domain import Signature, TensorSpec, VerificationCheck, VerificationReport
 
@@ -152,19 +152,9 @@ def _worker_command(path: Path, limits: VerificationLimits) -> list[str]:
     ]
 
 
-# `-m` must import this very code base, whatever the registry's working directory, and no
-# stray module there.
-_CODE_ROOT = Path(services.__file__).resolve().parent.parent
-
-
 def _worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    root = os.fspath(_CODE_ROOT)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     # One thread everywhere: the trial is a smoke test, and verifications run side by side.
-    env["OMP_NUM_THREADS"] = "1"
-    env["OPENBLAS_NUM_THREADS"] = "1"
-    return env
+    return child_env(threads=1)
 
 
 def _run_worker(path: Path, limits: VerificationLimits) -> _Outcome:
@@ -177,7 +167,7 @@ def _run_worker(path: Path, limits: VerificationLimits) -> _Outcome:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=_worker_env(),
-        cwd=_CODE_ROOT,
+        cwd=CODE_ROOT,
         # out of the terminal's process group: a Ctrl-C stops the registry, which then
         # decides what happens to its workers
         start_new_session=True,

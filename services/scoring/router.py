@@ -51,16 +51,22 @@ class VersionLoader(Protocol):
     async def unload(self, version: LoadedVersion) -> None: ...
 
 
+MAX_VERSION = 2**63 - 1
+"""Versions are PostgreSQL bigints."""
+
+
 def parse_reference(model_version: str) -> Reference:
     """``model_version`` of an inference request: empty for the ``production`` alias, a
     number for that version, otherwise an alias."""
     text = model_version.strip()
     if not text:
         return Reference("", alias=DEFAULT_ALIAS)
-    if text.isdigit():
+    # ASCII digits only: str.isdigit() admits superscripts (which int() refuses) and other
+    # scripts' digits (which int() reads)
+    if text.isascii() and text.isdigit():
         number = int(text)
-        if number < 1:
-            raise InvalidArgument.for_field("model_version", "versions are numbered from 1")
+        if not 1 <= number <= MAX_VERSION:
+            raise InvalidArgument.for_field("model_version", f"versions are numbered from 1 to {MAX_VERSION}")
         return Reference("", version=number)
     if not ALIAS_PATTERN.fullmatch(text):
         raise InvalidArgument.for_field("model_version", f"{text!r} is neither a version number nor an alias")

@@ -13,9 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scoremesh.registry.v1 import registry_pb2 as pb
 
+from services.mesh.artifacts import LocalArtifactStore
 from services.mesh.errors import InvalidArgument
 from services.registry import converters as conv
-from services.mesh.artifacts import LocalArtifactStore
 from services.registry.client import Reference
 from services.registry.domain import (
     ModelCard,

@@ -20,7 +20,9 @@ def test_model_version_is_a_number_an_alias_or_nothing(
     assert (reference.version, reference.alias) == (version, alias)
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "v 1", "Prod", "a/b", "x" * 64])
+@pytest.mark.parametrize(
+    "text", ["0", "-1", "v 1", "Prod", "a/b", "x" * 64, "9" * 20, "\u00b2", "\u0661", str(2**63)]
+)
 def test_other_model_versions_are_invalid_arguments(text: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         parse_reference(text)

@@ -268,6 +268,32 @@ def test_deep_errors_in_repeated_and_map_fields_name_the_path() -> None:
     assert _violations(caught) == ["card.thresholds.metrics"]
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        # json_format leaves a oneof member's own name out of its message: the path has it
+        (b'{"requestId": "r", "tensor": {"shape": "3"}}', "feedback.tensor.shape"),
+        (b'{"tensor": {"shape": ["a"]}}', "feedback.tensor.shape"),
+        (b'{"tensor": {"bogus": 1}}', "feedback.tensor.bogus"),
+        (b'{"tensor": 5}', "feedback.tensor"),
+        (b'{"label": 7}', "feedback.label"),
+        (b'{"bogus": 1, "tensor": 5}', "feedback.bogus"),  # the first bad field, as json_format reads
+    ],
+)
+def test_errors_inside_a_oneof_member_name_the_member(body: bytes, field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        _request("POST", "/v1/feedback", body=body)
+    assert _violations(caught) == [field]
+
+
+@pytest.mark.parametrize("body", [b"[]", b'"text"', b"7", b"[[1]]", b"true"])
+def test_a_body_field_that_is_a_message_must_be_an_object(body: bytes) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        _request("POST", "/v1/feedback", body=body)
+    assert _violations(caught) == ["feedback"]
+    assert "must be a JSON object" in caught.value.violations[0].description
+
+
 def test_two_members_of_a_oneof_name_the_oneof() -> None:
     with pytest.raises(InvalidArgument) as caught:
         _request("POST", "/v1/feedback", body=b'{"label": "fraud", "tensor": {"name": "t"}}')
@@ -410,7 +436,13 @@ async def test_an_empty_upload_still_sends_its_metadata() -> None:
 
 def test_bad_upload_metadata_fails_before_any_call() -> None:
     match = ROUTER.match("POST", "/v1/models/fraud/versions:upload")
-    for query, field in ([("size_bytes", "big")], "size_bytes"), ([("chunk", "AA==")], "chunk"):
+    cases = [
+        # violations name the proto path, metadata being a member of the payload oneof
+        ([("size_bytes", "big")], "metadata.size_bytes"),
+        ([("metadata.sizeBytes", "big")], "metadata.size_bytes"),
+        ([("chunk", "AA==")], "chunk"),
+    ]
+    for query, field in cases:
         with pytest.raises(InvalidArgument) as caught:
             build_upload_messages(match.binding, match.path_vars, query, _chunks())
         assert _violations(caught) == [field]
