@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -19,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
-from google.protobuf.message import Message
 from scoremesh.gateway.v1.admin_pb2 import RateLimit as RateLimitPb
 
-from services.gateway.admin_command import AdminClient, as_json, key_lines, usage_lines
+from services.gateway.admin_command import AdminClient, key_lines, usage_lines
 from services.gateway.keys import Scope
 from services.mesh.channels import open_channel
 from services.mesh.errors import MeshError
@@ -31,18 +28,12 @@ from services.mesh.identity import DEFAULT_TENANT, Caller
 from services.mesh.settings import MeshSettings, SettingsError, env_str
 from services.mesh.status import describe
 from services.registry.client import Reference, RegistryClient
+from services.terminal import as_json, print_json
+from services.training import commands as training_commands
+from services.training.client import TrainingClient
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-
-
-def _as_json(message: Message) -> dict[str, Any]:
-    data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return data
-
-
-def _print_json(data: object) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
 
 
 def _registry_address() -> str:
@@ -98,7 +89,7 @@ async def _models_push(args: argparse.Namespace, client: RegistryClient) -> None
         progress.close()
     version = response.version
     if args.json:
-        _print_json({**_as_json(version), "created": response.created})
+        print_json({**as_json(version), "created": response.created})
         return
     state = "created" if response.created else "already existed as"
     print(
@@ -118,7 +109,7 @@ async def _models_push(args: argparse.Namespace, client: RegistryClient) -> None
 async def _models_list(args: argparse.Namespace, client: RegistryClient) -> None:
     models = await client.list_models()
     if args.json:
-        _print_json([_as_json(m) for m in models])
+        print_json([as_json(m) for m in models])
         return
     print(f"{'NAME':<32} {'TENANT':<16} {'VISIBILITY':<10} {'LATEST':>6}  DESCRIPTION")
     for model in models:
@@ -134,11 +125,11 @@ async def _models_show(args: argparse.Namespace, client: RegistryClient) -> None
     versions = await client.list_versions(args.name)
     aliases = await client.list_aliases(args.name)
     if args.json:
-        _print_json(
+        print_json(
             {
-                **_as_json(model),
-                "versions": [_as_json(v) for v in versions],
-                "aliases": [_as_json(a) for a in aliases],
+                **as_json(model),
+                "versions": [as_json(v) for v in versions],
+                "aliases": [as_json(a) for a in aliases],
             }
         )
         return
@@ -156,7 +147,7 @@ async def _models_show(args: argparse.Namespace, client: RegistryClient) -> None
 async def _models_alias(args: argparse.Namespace, client: RegistryClient) -> None:
     alias = await client.set_alias(args.name, args.alias, args.version, args.expect)
     if args.json:
-        _print_json(_as_json(alias))
+        print_json(as_json(alias))
     else:
         print(f"{alias.model}@{alias.alias} -> version {alias.version}")
 
@@ -164,7 +155,7 @@ async def _models_alias(args: argparse.Namespace, client: RegistryClient) -> Non
 async def _models_pull(args: argparse.Namespace, client: RegistryClient) -> None:
     version = await client.pull(Reference.parse(args.reference), Path(args.file))
     if args.json:
-        _print_json({**_as_json(version), "file": str(Path(args.file).resolve())})
+        print_json({**as_json(version), "file": str(Path(args.file).resolve())})
     else:
         print(f"wrote {version.model} version {version.version} to {args.file} ({version.size_bytes} bytes)")
 
@@ -203,7 +194,7 @@ async def _keys_create(args: argparse.Namespace, client: AdminClient) -> None:
         args.tenant, _scopes(args.scopes), description=args.description, rate=rate
     )
     if args.json:
-        _print_json(as_json(created))
+        print_json(as_json(created))
         return
     key = created.key
     print(f"created key {key.id} for tenant {key.tenant} with scopes {', '.join(key.scopes)}")
@@ -214,7 +205,7 @@ async def _keys_create(args: argparse.Namespace, client: AdminClient) -> None:
 async def _keys_list(args: argparse.Namespace, client: AdminClient) -> None:
     keys = await client.list_keys(args.tenant or "", include_revoked=args.all)
     if args.json:
-        _print_json([as_json(k) for k in keys])
+        print_json([as_json(k) for k in keys])
         return
     print("\n".join(key_lines(keys)))
 
@@ -222,7 +213,7 @@ async def _keys_list(args: argparse.Namespace, client: AdminClient) -> None:
 async def _keys_revoke(args: argparse.Namespace, client: AdminClient) -> None:
     key = await client.revoke_key(args.id)
     if args.json:
-        _print_json(as_json(key))
+        print_json(as_json(key))
     else:
         print(f"revoked key {key.id} of tenant {key.tenant}")
 
@@ -239,9 +230,27 @@ async def _usage(args: argparse.Namespace, client: AdminClient) -> None:
         hourly=args.hourly,
     )
     if args.json:
-        _print_json([as_json(u) for u in usage])
+        print_json([as_json(u) for u in usage])
         return
     print("\n".join(usage_lines(usage, hourly=args.hourly)))
+
+
+# training, through the training service
+
+
+def _run_training_command(
+    command: Callable[[argparse.Namespace, TrainingClient], Coroutine[Any, Any, int]],
+) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        async def main() -> int:
+            settings = MeshSettings.from_env()
+            address = env_str(os.environ, "SCOREMESH_TRAINING_ADDR", "127.0.0.1:50053")
+            async with open_channel(address, settings) as channel:
+                return await command(args, TrainingClient(channel, _caller()))
+
+        return asyncio.run(main())
+
+    return run
 
 
 class _UsageError(Exception):
@@ -281,6 +290,16 @@ def _serve(args: argparse.Namespace) -> int:
 
         scoring_main()
         return 0
+    if args.service == "training":
+        from services.training.main import main as training_main
+
+        training_main()
+        return 0
+    if args.service == "training-worker":
+        from services.training.main import worker_main
+
+        worker_main()
+        return 0
     if args.service == "gateway":
         from services.gateway.main import main as gateway_main
 
@@ -298,7 +317,7 @@ def _score(args: argparse.Namespace) -> int:
     address = env_str(os.environ, "SCOREMESH_SCORING_ADDR", "127.0.0.1:50052")
     result = asyncio.run(score(address, settings, _caller(), reference, inputs, timeout_s=args.timeout))
     if args.json:
-        _print_json(result)
+        print_json(result)
         return 0
     print(f"{result['model']} version {result['version']} ({result['backend']})")
     for output in result["outputs"]:
@@ -327,7 +346,7 @@ def _parser() -> argparse.ArgumentParser:
     up.set_defaults(run=_up)
 
     serve = commands.add_parser("serve", help="run one service")
-    serve.add_argument("service", choices=["registry", "scoring", "gateway"])
+    serve.add_argument("service", choices=["registry", "scoring", "training", "training-worker", "gateway"])
     serve.set_defaults(run=_serve)
 
     score = commands.add_parser("score", help="score a model with inputs from .npy files")
@@ -385,6 +404,8 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--all", action="store_true", help="include revoked keys")
     revoke = key_verb("revoke", "revoke a key for good", _keys_revoke)
     revoke.add_argument("id", help="the key's id (the 12 hex characters after smk_)")
+
+    training_commands.add_commands(commands, _run_training_command)
 
     usage = commands.add_parser("usage", help="requests and rows scored per key and model")
     usage.add_argument("--key", help="only this key id")

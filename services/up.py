@@ -24,6 +24,7 @@ from services.mesh.supervisor import ProcessSpec, Supervisor
 from services.mesh.telemetry import configure_logging
 from services.registry.servicer import SERVICE_NAME as REGISTRY_SERVICE
 from services.scoring.oip import SERVICE_NAME as INFERENCE_SERVICE
+from services.training.servicer import SERVICE_NAME as TRAINING_SERVICE
 
 log = logging.getLogger("scoremesh.up")
 
@@ -68,6 +69,16 @@ def _service_stages(
         lambda up: _service(
             "scoring", mesh, INFERENCE_SERVICE, {**shared, "SCOREMESH_REGISTRY_ADDR": up["registry"]}
         ),
+        lambda up: _service(
+            "training",
+            mesh,
+            TRAINING_SERVICE,
+            {**shared, "SCOREMESH_REGISTRY_ADDR": up["registry"], "SCOREMESH_SCORING_ADDR": up["scoring"]},
+        ),
+        lambda up: dataclasses.replace(
+            _service("training-worker", mesh, "", {**shared, "SCOREMESH_REGISTRY_ADDR": up["registry"]}),
+            address_file=None,
+        ),
         lambda up: dataclasses.replace(
             _service(
                 "gateway",
@@ -77,6 +88,7 @@ def _service_stages(
                     **shared,
                     "SCOREMESH_REGISTRY_ADDR": up["registry"],
                     "SCOREMESH_SCORING_ADDR": up["scoring"],
+                    "SCOREMESH_TRAINING_ADDR": up["training"],
                 },
             ),
             http_health_path="/healthz",
@@ -118,6 +130,9 @@ async def run_up() -> int:
             "  postgres  " + (f"private cluster under {mesh.home / 'postgres'}" if cluster else "configured")
         )
         for name, address in addresses.items():
+            if not address:
+                print(f"  {name}")
+                continue
             kind = "HTTP, http://" + address if name == "gateway" else "gRPC"
             print(f"  {name:<9} {address} ({kind})")
         admin = address_file(mesh.home, "gateway-admin")

@@ -12,7 +12,6 @@ from datetime import datetime
 from typing import Any
 
 import grpc.aio
-from google.protobuf import json_format
 from scoremesh.gateway.v1 import admin_pb2 as pb
 from scoremesh.gateway.v1 import admin_pb2_grpc
 
@@ -77,11 +76,6 @@ class AdminClient:
         )
         response = await self._stub.GetUsage(request, metadata=self._metadata)
         return list(response.usage)
-
-
-def as_json(message: Any) -> dict[str, Any]:
-    data: dict[str, Any] = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return data
 
 
 def _time(message: Any, field: str) -> str:

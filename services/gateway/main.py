@@ -19,7 +19,7 @@ from scoremesh.registry.v1 import registry_pb2
 from scoremesh.scoring.v1 import scoring_pb2
 from scoremesh.training.v1 import training_pb2
 
-from services import __version__
+from services import version
 from services.gateway.admin_servicer import AdminServicer
 from services.gateway.app import Gateway
 from services.gateway.http_rules import bindings_of
@@ -60,7 +60,7 @@ def build_gateway(
     :data:`SERVICES`): routes and OpenAPI document from their descriptors, /v2 through
     ``inference`` when given."""
     bindings = bindings_of([SERVICES[name] for name in channels])
-    document = openapi_document(bindings, title="scoremesh", version=__version__)
+    document = openapi_document(bindings, title="scoremesh", version=version())
     return Gateway(
         router=Router(bindings),
         channels=channels,

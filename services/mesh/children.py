@@ -4,13 +4,19 @@ the parent's working directory, and limits a child sets on itself before it star
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
-from collections.abc import Callable, Mapping
+import signal
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import services
-from services.mesh.supervisor import die_with_parent
+
+_PR_SET_PDEATHSIG = 1
+# resolved before any fork: a child must not load libraries between fork and exec
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 CODE_ROOT = Path(services.__file__).resolve().parent.parent
 """The directory holding the ``services`` package."""
@@ -29,13 +35,30 @@ def child_env(threads: int | None = 1, extra: Mapping[str, str] | None = None) -
     return env
 
 
-def limited(memory_bytes: int | None) -> Callable[[], None]:
-    """A ``preexec_fn``: the child dies with its parent and, with ``memory_bytes``, may not
-    grow its address space beyond it (allocations fail with MemoryError/ENOMEM)."""
+def die_with_parent() -> None:
+    """Has this process sent SIGTERM when the process that started it dies (Linux), so that
+    a parent killed with SIGKILL leaves no orphans behind. Also a ``preexec_fn``."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
-    def apply() -> None:
-        die_with_parent()
-        if memory_bytes is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
 
-    return apply
+MEMORY_LIMIT_ENV = "SCOREMESH_CHILD_MEMORY_BYTES"
+"""Where a parent tells a child the address space it may use (see :func:`apply_own_limits`)."""
+
+
+def limit_env(memory_bytes: int | None) -> dict[str, str]:
+    """The environment entries that make a child calling :func:`apply_own_limits` hold to
+    ``memory_bytes``."""
+    return {MEMORY_LIMIT_ENV: str(memory_bytes)} if memory_bytes is not None else {}
+
+
+def apply_own_limits() -> None:
+    """Called first thing by a child this code base starts: it dies with its parent, and
+    holds its address space to ``$SCOREMESH_CHILD_MEMORY_BYTES`` (allocations beyond fail
+    with MemoryError). The child does this itself, after exec: a ``preexec_fn`` would run
+    Python between fork and exec in a parent whose gRPC threads may hold locks, which
+    aborts the child now and then."""
+    die_with_parent()
+    limit = os.environ.get(MEMORY_LIMIT_ENV)
+    if limit:
+        resource.setrlimit(resource.RLIMIT_AS, (int(limit), int(limit)))

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,20 +17,9 @@ import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.mesh.children import die_with_parent
+
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-# resolved before any fork: the child must not load libraries between fork and exec
-_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
-
-
-def die_with_parent() -> None:
-    """A ``preexec_fn`` that has the child sent SIGTERM when the process that started it
-    dies (Linux), so that a supervisor killed with SIGKILL leaves no orphaned services,
-    tritonservers or clusters behind."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 # a child that ran this long before crashing starts its backoff over

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services import __version__
+import services
 from services.mesh.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
 from services.mesh.identity import Caller
 from services.scoring import tensors
@@ -31,7 +31,6 @@ from services.scoring.router import ModelRouter
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "scoremesh"
-SERVER_VERSION = __version__
 REQUEST_ID_PARAMETER = "request_id"
 """The response parameter carrying the id a request is logged under when it had none."""
 
@@ -187,7 +186,9 @@ class ScoringService:
         return await self._backends.healthy()
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=["parameters"])
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=services.version(), extensions=["parameters"]
+        )
 
     async def model_ready(self, caller: Caller, model: str, model_version: str) -> bool:
         """Whether the model can be scored now, confirmed by a real inference (a recent

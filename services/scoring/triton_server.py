@@ -41,7 +41,7 @@ from typing import Final, Self
 import tritonclient.grpc.aio as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from services.mesh.supervisor import die_with_parent
+from services.mesh.children import die_with_parent
 
 log = logging.getLogger(__name__)
 

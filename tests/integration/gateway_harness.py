@@ -15,13 +15,14 @@ from scoremesh.gateway.v1.admin_pb2_grpc import add_AdminServicer_to_server
 
 from services.gateway.admin_servicer import AdminServicer
 from services.gateway.keys import KeyStore, RateLimit
-from services.gateway.main import ADMIN, REGISTRY, SCORING, build_gateway
+from services.gateway.main import ADMIN, REGISTRY, SCORING, TRAINING, build_gateway
 from services.gateway.quotas import RateLimiter, UsageRecorder
 from services.mesh.channels import open_channel
 from services.mesh.server import MeshServer, Registration
 from services.mesh.settings import MeshSettings
 from tests.integration.registry_harness import registry_env, running_registry
 from tests.integration.scoring_harness import running_scoring, scoring_env
+from tests.integration.training_harness import running_training, training_env
 
 MAX_BODY = 64 * 1024
 ADMIN_SETTINGS = MeshSettings.from_env({"SCOREMESH_INTERNAL_TOKEN": "gateway-harness-internal-token"})
@@ -89,17 +90,24 @@ async def serving_gateway(
 
 @contextlib.asynccontextmanager
 async def running_mesh(database_url: str, workdir: Path) -> AsyncIterator[RunningGateway]:
-    """Registry, scoring on onnxruntime (in-process: no Triton to start) and the gateway in
-    front of both, with its /v2 routes."""
+    """Registry, scoring on onnxruntime (in-process: no Triton to start), training (no
+    workers: jobs stay queued) and the gateway in front of them, with its /v2 routes."""
     async with running_registry(registry_env(workdir / "registry", database_url)) as registry:
         env = scoring_env(
             workdir / "scoring", database_url, registry.address, SCOREMESH_SCORING_BACKEND="onnxruntime"
         )
         async with (
             running_scoring(env) as scoring,
+            running_training(
+                training_env(workdir / "training", database_url, registry.address), scoring.channel
+            ) as training,
             serving_gateway(
                 database_url,
-                {REGISTRY.full_name: registry.channel, SCORING.full_name: scoring.channel},
+                {
+                    REGISTRY.full_name: registry.channel,
+                    SCORING.full_name: scoring.channel,
+                    TRAINING.full_name: training.channel,
+                },
                 scoring.channel,
             ) as gateway,
         ):

@@ -3,10 +3,7 @@ CLI, on a real PostgreSQL behind a real gateway."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +21,7 @@ from services.mesh.errors import Unauthenticated
 from services.mesh.identity import Caller
 from services.mesh.status import from_rpc_error
 from tests import onnx_factory
+from tests.integration.cli_harness import run_cli
 from tests.integration.gateway_harness import ADMIN_SETTINGS, RunningGateway, running_mesh, serving_gateway
 from tests.integration.registry_harness import error_details
 
@@ -242,28 +240,13 @@ async def test_usage_counts_rest_requests_and_scored_rows(database_url: str, tmp
 # the CLI
 
 
-async def _cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        *args,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
 async def test_the_cli_creates_lists_revokes_and_reads_usage(gateway: RunningGateway) -> None:
     env = {
         "SCOREMESH_GATEWAY_ADMIN_ADDR": gateway.admin_address,
         "SCOREMESH_INTERNAL_TOKEN": ADMIN_SETTINGS.internal_token or "",
         "SCOREMESH_PRINCIPAL": "carol",
     }
-    code, out, err = await _cli(
+    code, out, err = await run_cli(
         env, "keys", "create", "--tenant", "acme", "--scopes", "score,models:read", "--json"
     )
     assert code == 0, err
@@ -271,25 +254,25 @@ async def test_the_cli_creates_lists_revokes_and_reads_usage(gateway: RunningGat
     key = await gateway.keys.authenticate(created["token"])
     assert (key.id, key.created_by) == (created["key"]["id"], "carol")
 
-    code, out, err = await _cli(env, "keys", "list", "--tenant", "acme")
+    code, out, err = await run_cli(env, "keys", "list", "--tenant", "acme")
     assert code == 0, err
     assert key.id in out
     assert "active" in out
 
     gateway.usage.record(key, "iris", rows=4)
-    code, out, err = await _cli(env, "usage", "--tenant", "acme", "--json")
+    code, out, err = await run_cli(env, "usage", "--tenant", "acme", "--json")
     assert code == 0, err
     assert [(u["model"], u["requests"], u["rows"]) for u in json.loads(out)] == [("iris", "1", "4")]
 
-    code, out, err = await _cli(env, "keys", "revoke", key.id)
+    code, out, err = await run_cli(env, "keys", "revoke", key.id)
     assert (code, out.strip()) == (0, f"revoked key {key.id} of tenant acme"), err
 
     # failures: one line on stderr, non-zero exit
-    code, out, err = await _cli(env, "keys", "create", "--tenant", "acme", "--scopes", "root")
+    code, out, err = await run_cli(env, "keys", "create", "--tenant", "acme", "--scopes", "root")
     assert code == 1
     assert out == ""
     assert len(err.strip().splitlines()) == 1
     assert "scopes" in err
-    code, _, err = await _cli({**env, "SCOREMESH_INTERNAL_TOKEN": "wrong"}, "keys", "list")
+    code, _, err = await run_cli({**env, "SCOREMESH_INTERNAL_TOKEN": "wrong"}, "keys", "list")
     assert code == 1
     assert "UNAUTHENTICATED" in err.upper()

@@ -33,7 +33,7 @@ from yarl import URL
 
 from services.gateway.http_rules import HttpBinding, PathTemplate, bindings_of
 from services.gateway.keys import RateLimit, Scope
-from services.gateway.main import ADMIN, REGISTRY, SCORING
+from services.gateway.main import SERVICES
 from services.gateway.oip_rest import HEADER_LENGTH
 from services.gateway.transcoding import Router
 from services.mesh.errors import MeshError
@@ -49,9 +49,9 @@ MODEL: Final = "clf"
 FUZZ_MODEL: Final = "fz"
 """A model of the fuzzing tenant, so that mangled requests also reach real resources."""
 
-BINDINGS: Final = bindings_of([REGISTRY, SCORING, ADMIN])
-"""Every /v1 route of the gateway that ``running_mesh`` starts (registry, scoring and the
-gateway's own admin service); test_the_fuzzing_covers_every_documented_route keeps it honest."""
+BINDINGS: Final = bindings_of(SERVICES.values())
+"""Every /v1 route of the gateway that ``running_mesh`` starts (registry, scoring, training and
+the gateway's own admin service); test_the_fuzzing_covers_every_documented_route keeps it honest."""
 ROUTER: Final = Router(BINDINGS)
 OIP_ROUTES: Final = tuple(  # the Open Inference Protocol's routes, as OipRoutes serves them
     (method, PathTemplate.parse(text))
@@ -614,9 +614,10 @@ def _check(call: Call, answer: Answer) -> None:
 
 
 def _streams_forever(call: Call) -> bool:
-    """WatchModels holds its stream open until the client leaves: not something to fuzz."""
+    """WatchModels and WatchJob hold their streams open (until the client leaves, or the job
+    ends): not something to fuzz."""
     try:
-        return ROUTER.match(call.method, call.path).binding.method == "WatchModels"
+        return ROUTER.match(call.method, call.path).binding.method in ("WatchModels", "WatchJob")
     except MeshError:
         return False
 

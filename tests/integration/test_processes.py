@@ -20,6 +20,7 @@ from scoremesh.registry.v1 import registry_pb2_grpc
 from services.mesh.postgres import EmbeddedPostgres
 from services.mesh.server import address_file
 from tests import onnx_factory
+from tests.integration.cli_harness import run_cli
 from tests.integration.registry_harness import (
     ALICE,
     RunningRegistry,
@@ -50,21 +51,6 @@ async def _start_registry(env: Mapping[str, str]) -> asyncio.subprocess.Process:
     )
 
 
-async def _cli(env: Mapping[str, str], *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        *args,
-        env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
 @pytest.fixture
 async def reg(database_url: str, tmp_path: Path) -> AsyncIterator[RunningRegistry]:
     async with running_registry(registry_env(tmp_path / "home", database_url)) as running:
@@ -78,31 +64,31 @@ async def test_cli_push_list_show_alias_pull(reg: RunningRegistry, tmp_path: Pat
     second = tmp_path / "second.onnx"
     second.write_bytes(onnx_factory.tiny_classifier(seed=2))
 
-    code, out, _ = await _cli(env, "models", "push", "clf", str(model), "--alias", "production", "--json")
+    code, out, _ = await run_cli(env, "models", "push", "clf", str(model), "--alias", "production", "--json")
     assert code == 0
     pushed = json.loads(out)
     assert (pushed["model"], pushed["version"], pushed["created"]) == ("clf", "1", True)
     assert len(pushed["sha256"]) == 64
-    code, out, _ = await _cli(env, "models", "push", "clf", str(second), "--json")
+    code, out, _ = await run_cli(env, "models", "push", "clf", str(second), "--json")
     assert json.loads(out)["version"] == "2"
 
-    code, out, _ = await _cli(env, "models", "list", "--json")
+    code, out, _ = await run_cli(env, "models", "list", "--json")
     assert [m["name"] for m in json.loads(out)] == ["clf"]
-    code, out, _ = await _cli(env, "models", "alias", "clf", "staging", "2", "--json")
+    code, out, _ = await run_cli(env, "models", "alias", "clf", "staging", "2", "--json")
     assert (json.loads(out)["alias"], json.loads(out)["version"]) == ("staging", "2")
-    code, out, _ = await _cli(env, "models", "show", "clf", "--json")
+    code, out, _ = await run_cli(env, "models", "show", "clf", "--json")
     shown = json.loads(out)
     assert [v["version"] for v in shown["versions"]] == ["2", "1"]
     assert {a["alias"]: a["version"] for a in shown["aliases"]} == {"production": "1", "staging": "2"}
 
     pulled = tmp_path / "pulled.onnx"
-    code, out, _ = await _cli(env, "models", "pull", "clf@staging", str(pulled))
+    code, out, _ = await run_cli(env, "models", "pull", "clf@staging", str(pulled))
     assert code == 0
     assert pulled.read_bytes() == second.read_bytes()
-    code, _, _ = await _cli(env, "models", "pull", "clf:1", str(pulled))
+    code, _, _ = await run_cli(env, "models", "pull", "clf:1", str(pulled))
     assert pulled.read_bytes() == model.read_bytes()
 
-    code, out, _ = await _cli(env, "models", "show", "clf")
+    code, out, _ = await run_cli(env, "models", "show", "clf")
     assert code == 0
     assert "production" in out
     assert "staging" in out
@@ -120,13 +106,13 @@ async def test_cli_failures_exit_non_zero_with_one_line(reg: RunningRegistry, tm
         (("models", "alias", "nope", "production", "1"), 1, "not found"),
     ]
     for args, expected_code, fragment in cases:
-        code, _, err = await _cli(env, *args)
+        code, _, err = await run_cli(env, *args)
         assert code == expected_code, (args, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1, err
         assert lines[0].startswith("scoremesh: ")
         assert fragment.lower() in lines[0].lower(), lines[0]
-    code, _, err = await _cli(
+    code, _, err = await run_cli(
         {"SCOREMESH_REGISTRY_ADDR": "127.0.0.1:1", "SCOREMESH_DEFAULT_DEADLINE_S": "2"}, "models", "list"
     )
     assert code == 1
@@ -192,6 +178,7 @@ async def test_scoremesh_up_starts_the_mesh_and_stops_on_ctrl_c(tmp_path: Path) 
             "SCOREMESH_SCORING_PORT": "0",
             "SCOREMESH_GATEWAY_PORT": "0",
             "SCOREMESH_GATEWAY_GRPC_PORT": "0",
+            "SCOREMESH_TRAINING_PORT": "0",
             "SCOREMESH_LOG_FORMAT": "text",
         }
     )
@@ -215,7 +202,7 @@ async def test_scoremesh_up_starts_the_mesh_and_stops_on_ctrl_c(tmp_path: Path) 
 
         model = tmp_path / "m.onnx"
         model.write_bytes(onnx_factory.tiny_classifier())
-        code, out, err = await _cli(
+        code, out, err = await run_cli(
             {"SCOREMESH_REGISTRY_ADDR": address, **env}, "models", "push", "up-model", str(model), "--json"
         )
         assert code == 0, err
@@ -233,12 +220,44 @@ async def test_scoremesh_up_starts_the_mesh_and_stops_on_ctrl_c(tmp_path: Path) 
                 assert (await response.json())["latestVersion"] == "1"
             async with http.get(f"http://{gateway}/v1/models/up-model") as response:
                 assert response.status == 401
+            # /v2 reaches scoring with the mesh's internal token (its channel has no interceptors)
+            async with http.get(f"http://{gateway}/v2/health/ready") as response:
+                assert response.status == 200
+            row = {"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 0]}
+            async with http.post(
+                f"http://{gateway}/v2/models/up-model/versions/1/infer",
+                json={"inputs": [row]},
+                headers=headers,
+            ) as response:
+                assert response.status == 200, await response.text()
+                assert (await response.json())["model_version"] == "1"
         # the CLI manages keys through the gateway's Admin service with the token up made
         admin = address_file(home, "gateway-admin").read_text().strip()
         assert any(admin in line for line in banner)
-        code, out, err = await _cli({**env, "SCOREMESH_GATEWAY_ADMIN_ADDR": admin}, "keys", "list", "--json")
+        code, out, err = await run_cli(
+            {**env, "SCOREMESH_GATEWAY_ADMIN_ADDR": admin}, "keys", "list", "--json"
+        )
         assert code == 0, err
         assert [key["tenant"] for key in json.loads(out)] == ["default"]
+        # the training service and its worker are up: a job runs through to its version
+        training = address_file(home, "training").read_text().strip()
+        assert any(line.strip() == "training-worker" for line in banner), banner
+        code, out, err = await run_cli(
+            {**env, "SCOREMESH_TRAINING_ADDR": training},
+            "train",
+            "submit",
+            "sklearn-tabular",
+            "--arg",
+            "dataset=iris",
+            "--model",
+            "up-trained",
+            "--json",
+        )
+        assert code == 0, err
+        job = json.loads(out)["id"]
+        code, out, err = await run_cli({**env, "SCOREMESH_TRAINING_ADDR": training}, "train", "watch", job)
+        assert code == 0, (out, err)
+        assert "SUCCEEDED version 1" in out
         process.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(process.wait(), 60) == 0
         # the private cluster was stopped with everything else
