@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,13 @@ from scoremesh.training.v1 import training_pb2 as pb
 
 from services.mesh.status import from_rpc_error
 from services.registry.client import RegistryClient
+from services.training.main import dataset_store
 from tests.integration.cli_harness import run_cli
 from tests.integration.registry_harness import RunningRegistry, error_details, registry_env, running_registry
 from tests.integration.training_harness import (
     ACME,
     GLOBEX,
+    PLUGINS_FIXTURE,
     RunningTraining,
     running_training,
     training_env,
@@ -331,3 +334,46 @@ async def test_the_cli_submits_watches_lists_and_cancels(mesh: Mesh, tmp_path: P
     code, _, err = await run_cli(env, "train", "submit", "noop", "--arg", "nonsense")
     assert code != 0
     assert len(err.strip().splitlines()) == 1
+
+
+async def test_a_retry_after_registration_returns_the_version_already_registered(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """The worst moment to die: after the model was registered, before the job said so."""
+    client = mesh.training.client()
+    job = await client.submit("noop", {}, model="exactly-once")
+    # a first attempt trains, keeps its model, registers it, and dies before finishing
+    workdir = tmp_path / "attempt-1"
+    workdir.mkdir()
+    spec = workdir / "spec.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "plugin": "noop",
+                "arguments": {},
+                "dataset": None,
+                "base_model": None,
+                "workdir": str(workdir),
+                "seed": 1,
+                "plugins_dir": str(PLUGINS_FIXTURE),
+            }
+        )
+    )
+    runner = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.training.runner", str(spec), stdout=asyncio.subprocess.DEVNULL
+    )
+    assert await asyncio.wait_for(runner.wait(), 120) == 0
+    jobs = mesh.training.training.jobs
+    assert await jobs.claim("doomed", 1.0) is not None
+    _, files = dataset_store(mesh.training.settings, jobs)
+    async with files.upload() as upload:
+        await upload.write((workdir / "model.onnx").read_bytes())
+        sha256 = await upload.commit()
+    await jobs.save_artifact(job.id, "doomed", sha256, {"accuracy": 1.0})
+    pushed = await RegistryClient(mesh.registry.channel, ACME).push("exactly-once", workdir / "model.onnx")
+    assert (pushed.created, pushed.version.version) == (True, 1)
+    # the next attempt registers those same bytes: the registry answers with version 1
+    async with worker_process(mesh.env):
+        done = await wait_for_state(client, job.id, *FINISHED, timeout_s=60)
+    assert (done.state, done.version, done.attempts) == (pb.SUCCEEDED, 1, 2)
+    assert await _versions(mesh, "exactly-once") == [1]
