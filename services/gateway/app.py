@@ -18,6 +18,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from google.protobuf import message_factory
 from google.protobuf.message import Message
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, StatusCode
 
 from services.gateway import oip_rest
 from services.gateway.http_errors import (
@@ -49,6 +51,8 @@ NDJSON: Final = "application/x-ndjson"
 JSON: Final = "application/json"
 _READ_METHODS: Final = frozenset({"GET"})
 CALLER_CACHE_MAX: Final = 10_000
+TRACE_ID_HEADER: Final = "X-Trace-Id"
+_tracer = trace.get_tracer(__name__)
 # what a route needs beyond the default (models:read to read, models:write to change)
 _SCOPES: Final[Mapping[str, Scope]] = {
     "scoremesh.scoring.v1.Scoring": Scope.SCORE,
@@ -95,7 +99,9 @@ class Gateway:
     _caller_metadata: dict[str, tuple[ApiKey, tuple[tuple[str, str], ...]]] = field(default_factory=dict)
 
     def application(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[_json_routing_errors])
+        app = web.Application(
+            client_max_size=self.max_body_bytes, middlewares=[_traced, _json_routing_errors]
+        )
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/openapi.json", self.openapi)
         app.router.add_get("/docs", self.docs)
@@ -128,6 +134,10 @@ class Gateway:
         try:
             match = self.router.match(request.method, request.raw_path.split("?", 1)[0])
             binding = match.binding
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.update_name(f"{request.method} {binding.path.text}")
+                span.set_attributes({"http.route": binding.path.text, "rpc.method": binding.grpc_path})
             key = await self.admit(request, required_scope(binding))
             metadata = self.caller_metadata(key)
             query = list(request.query.items())
@@ -212,7 +222,7 @@ class Gateway:
         try:
             async for item in call:
                 if response is None:
-                    response = web.StreamResponse(headers={"Content-Type": NDJSON})
+                    response = web.StreamResponse(headers={"Content-Type": NDJSON, **_trace_header()})
                     await response.prepare(request)
                 await response.write(ndjson_line(binding, item))
         except grpc.aio.AioRpcError as error:
@@ -220,7 +230,7 @@ class Gateway:
                 return _error(error_response(error))
             await response.write(ndjson_error(error))
         if response is None:  # an empty stream
-            response = web.StreamResponse(headers={"Content-Type": NDJSON})
+            response = web.StreamResponse(headers={"Content-Type": NDJSON, **_trace_header()})
             await response.prepare(request)
         await response.write_eof()
         return response
@@ -379,6 +389,34 @@ def _serialize(message: Message) -> bytes:
 
 def _json(body: bytes) -> web.Response:
     return web.Response(body=body, content_type=JSON)
+
+
+@web.middleware
+async def _traced(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A server span per request, continuing the caller's W3C ``traceparent``; the calls the
+    handler makes to the services carry it on. The response names the trace in
+    ``X-Trace-Id``, so a user can look the request up (``scoremesh traces ID``)."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else request.path
+    with _tracer.start_as_current_span(
+        f"{request.method} {route}",
+        context=propagate.extract(request.headers),
+        kind=SpanKind.SERVER,
+        attributes={"http.request.method": request.method, "url.path": request.path, "http.route": route},
+    ) as span:
+        response = await handler(request)
+        if span.is_recording():
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                span.set_status(StatusCode.ERROR)
+        if not response.prepared:
+            response.headers.update(_trace_header())
+        return response
+
+
+def _trace_header() -> dict[str, str]:
+    context = trace.get_current_span().get_span_context()
+    return {TRACE_ID_HEADER: format(context.trace_id, "032x")} if context.is_valid else {}
 
 
 @web.middleware

@@ -31,7 +31,7 @@ from services.gateway.transcoding import Router
 from services.mesh.channels import open_channel, open_lean_channel
 from services.mesh.postgres import database
 from services.mesh.server import MeshServer, Registration, address_file, announce, serve
-from services.mesh.telemetry import configure_logging
+from services.mesh.telemetry import configure_logging, setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -144,5 +144,9 @@ async def run(settings: GatewaySettings) -> None:
 def main() -> None:
     settings = GatewaySettings.from_env()
     configure_logging(settings.mesh.log_level, settings.mesh.log_format)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(settings))
+    flush_traces = setup_tracing("scoremesh-gateway")
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run(settings))
+    finally:
+        flush_traces()

@@ -19,6 +19,8 @@ from importlib.resources.abc import Traversable
 
 import asyncpg
 
+from services.mesh.postgres import TracedConnection
+
 log = logging.getLogger(__name__)
 
 _FILE_NAME = re.compile(r"(?P<version>\d{4,})_(?P<name>[A-Za-z0-9_]+)\.sql")
@@ -156,5 +158,7 @@ async def migrated_pool(
         await conn.close()
     if applied:
         log.info("applied %s migrations %s", component, applied)
-    pool: asyncpg.Pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=init)
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=init, connection_class=TracedConnection
+    )
     return pool

@@ -29,14 +29,16 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Final, Self
 from urllib.parse import quote, urlsplit
 
 import asyncpg
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from services.mesh.errors import InvalidArgument, Unavailable
 
@@ -619,6 +621,60 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     OSError,
 )
+
+
+_tracer = trace.get_tracer(__name__)
+_STATEMENT_CHARS: Final = 500
+
+
+class TracedConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A connection whose queries are ``db`` spans, children of the span that runs them. A
+    query outside a recorded trace (background flushes, listeners) makes no span: a db span
+    alone says nothing and costs an export."""
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        with _db_span(query):
+            result: str = await super().execute(query, *args, timeout=timeout)
+            return result
+
+    async def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> None:
+        with _db_span(command):
+            await super().executemany(command, args, timeout=timeout)
+
+    async def fetch(
+        self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None
+    ) -> Any:
+        with _db_span(query):
+            return await super().fetch(query, *args, timeout=timeout, record_class=record_class)
+
+    async def fetchrow(
+        self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None
+    ) -> Any:
+        with _db_span(query):
+            return await super().fetchrow(query, *args, timeout=timeout, record_class=record_class)
+
+    async def fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any:
+        with _db_span(query):
+            return await super().fetchval(query, *args, column=column, timeout=timeout)
+
+
+@contextlib.contextmanager
+def _db_span(query: str) -> Iterator[None]:
+    if not trace.get_current_span().is_recording():
+        yield
+        return
+    statement = " ".join(query.split())
+    operation = statement.split(" ", 1)[0].upper()
+    with _tracer.start_as_current_span(
+        operation,
+        kind=SpanKind.CLIENT,
+        attributes={
+            "db.system": "postgresql",
+            "db.operation": operation,
+            "db.statement": statement[:_STATEMENT_CHARS],
+        },
+    ):
+        yield
 
 
 @contextlib.asynccontextmanager

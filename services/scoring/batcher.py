@@ -18,12 +18,17 @@ backend itself cannot serve (``Unavailable``, ``NotFound``…) fail every member
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
+from opentelemetry.util.types import AttributeValue
 
 from services.mesh.errors import (
     DeadlineExceeded,
@@ -44,6 +49,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# a proxy: it follows the SDK a service's main installs later (or stays a no-op)
+_tracer = trace.get_tracer(__name__)
 
 Outputs = dict[str, Array]
 Execute = Callable[[dict[str, Array], float], Awaitable[Outputs]]
@@ -103,7 +110,17 @@ class _Pending:
     batch or because its caller went away (the deque entry is then skipped lazily, so that a
     cancellation costs O(1))."""
 
-    __slots__ = ("deadline", "enqueued_at", "execute", "future", "inputs", "queued", "rows")
+    __slots__ = (
+        "deadline",
+        "enqueued_at",
+        "enqueued_ns",
+        "execute",
+        "future",
+        "inputs",
+        "queued",
+        "rows",
+        "span_context",
+    )
 
     def __init__(
         self,
@@ -121,6 +138,9 @@ class _Pending:
         self.future = future
         self.execute = execute
         self.queued = True
+        # the submitting request's span: the batch links to it, its queue wait is its child
+        self.span_context: SpanContext = trace.get_current_span().get_span_context()
+        self.enqueued_ns = time.time_ns() if self.span_context.trace_flags.sampled else 0
 
 
 class _Queue:
@@ -128,6 +148,7 @@ class _Queue:
 
     __slots__ = (
         "arrivals",
+        "attributes",
         "items",
         "key",
         "max_rows",
@@ -140,9 +161,10 @@ class _Queue:
         "turn",
     )
 
-    def __init__(self, key: Hashable, max_rows: int) -> None:
+    def __init__(self, key: Hashable, max_rows: int, attributes: Mapping[str, AttributeValue]) -> None:
         self.key = key
         self.max_rows = max_rows  # 0: the key does not batch
+        self.attributes = dict(attributes)  # on every batch span of the key
         self.items: deque[_Pending] = deque()
         self.queued = 0
         self.queued_rows = 0
@@ -221,6 +243,7 @@ class Batcher:
         *,
         execute: Execute | None = None,
         max_rows: int | None = None,
+        attributes: Mapping[str, AttributeValue] | None = None,
     ) -> Outputs:
         """Runs ``inputs`` in a batch with other requests of ``key`` and returns its own rows
         of each output.
@@ -230,7 +253,8 @@ class Batcher:
         requested. ``execute`` overrides the one given at construction, ``max_rows`` the
         ``max_batch_rows`` (0: this key does not batch, e.g. a graph without a batch axis);
         requests with one key must pass the same ones (a batch runs its first member's
-        ``execute``; the queue keeps the ``max_rows`` it was created with).
+        ``execute``; the queue keeps the ``max_rows`` it was created with). ``attributes``
+        go on the key's batch spans (the model, version and backend).
 
         Raises ``DeadlineExceeded`` when ``deadline`` passes first, ``ResourceExhausted``
         when the key's queue is full, ``Unavailable`` once closed, ``InvalidArgument`` when
@@ -252,7 +276,7 @@ class Batcher:
             limit = self._max_rows if max_rows is None else max_rows
             if limit < 0:
                 raise ValueError(f"max_rows must be >= 0, not {limit}")
-            queue = _Queue(key, limit)
+            queue = _Queue(key, limit, attributes or {})
         rows = _rows_of(inputs, batching=queue.max_rows > 0)
         if (
             self._max_queued_rows is not None
@@ -399,8 +423,10 @@ class Batcher:
             if live:
                 self.stats.batches += 1
                 self.stats.requests += len(live)
-                self.stats.rows += sum(m.rows for m in live)
-                await self._execute_isolating(live, batching=queue.max_rows > 0)
+                rows = sum(m.rows for m in live)
+                self.stats.rows += rows
+                with _batch_span(live, rows, queue.attributes):
+                    await self._execute_isolating(live, batching=queue.max_rows > 0)
         finally:
             # only reached with undone members when this task was cancelled
             for pending in members:
@@ -504,6 +530,29 @@ def _split(members: list[_Pending], outputs: Outputs) -> list[Outputs]:
         results.append({name: array[start:stop] for name, array in outputs.items()})
         start = stop
     return results
+
+
+@contextlib.contextmanager
+def _batch_span(
+    members: list[_Pending], rows: int, attributes: Mapping[str, AttributeValue]
+) -> Iterator[trace.Span]:
+    """The span of one executed batch: a child of its first member's span (so a lone
+    request's trace holds its batch and the backend's spans), linked to every member's. Each
+    sampled member also gets a ``queue wait`` span, from its arrival until now."""
+    started = time.time_ns()
+    for pending in members:
+        if pending.enqueued_ns:
+            parent = trace.set_span_in_context(NonRecordingSpan(pending.span_context))
+            wait = _tracer.start_span("queue wait", context=parent, start_time=pending.enqueued_ns)
+            wait.end(end_time=started)
+    first = members[0].span_context
+    with _tracer.start_as_current_span(
+        "batch",
+        context=trace.set_span_in_context(NonRecordingSpan(first)) if first.is_valid else None,
+        links=[Link(m.span_context) for m in members if m.span_context.is_valid],
+        attributes={**attributes, "scoremesh.batch_size": rows, "scoremesh.batch_requests": len(members)},
+    ) as span:
+        yield span
 
 
 def _rows_of(inputs: Mapping[str, Array], *, batching: bool) -> int:

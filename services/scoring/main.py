@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,7 +37,12 @@ from services.scoring.servicer import InferenceServicer
 from services.scoring.settings import ScoringSettings
 from services.scoring.triton_backend import TritonBackend
 from services.scoring.triton_config import TritonBackendKind
-from services.scoring.triton_server import RESTRICTED_HEADER_PREFIX, LocalTriton, gpu_available
+from services.scoring.triton_server import (
+    RESTRICTED_HEADER_PREFIX,
+    LocalTriton,
+    gpu_available,
+    trace_args_from_env,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,9 @@ async def _build(
                 else {}
             )
         else:
-            local_triton = LocalTriton(settings.mesh.home / "triton")
+            local_triton = LocalTriton(
+                settings.mesh.home / "triton", trace_args=trace_args_from_env(os.environ)
+            )
             await local_triton.start()
             closers.append(local_triton.stop)
             url, headers = local_triton.url, local_triton.admin_headers

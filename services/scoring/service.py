@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from opentelemetry import propagate, trace
+from opentelemetry.util.types import AttributeValue
 
 import services
 from services.mesh.errors import DeadlineExceeded, MeshError, NotFound, Unavailable
@@ -29,6 +31,7 @@ from services.scoring.predictions import PredictionLog
 from services.scoring.router import ModelRouter
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
 
 SERVER_NAME = "scoremesh"
 REQUEST_ID_PARAMETER = "request_id"
@@ -107,6 +110,15 @@ class ScoringService:
             backend=served.backend,
             parameters=parameters,
         )
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "scoremesh.model": version.model,
+                    "scoremesh.version": version.version,
+                    "scoremesh.backend": served.backend,
+                }
+            )
         if self._prediction_log is not None:
             self._prediction_log.record(
                 caller, request_id, version.model, version.version, served.backend, inputs, served.outputs
@@ -119,12 +131,18 @@ class ScoringService:
         """Identical requests share one execution and later ones are answered from the cache;
         a cached answer reports the backend that computed it."""
 
+        computed = False
+
         async def compute() -> dict[str, Array]:
+            nonlocal computed
+            computed = True
             served = await self._execute(version, inputs, outputs, deadline)
             return {**served.outputs, _BACKEND_KEY: np.array(served.backend)}
 
         key = CacheKey(version.model, version.version, tensors.canonical_key(inputs, outputs))
-        cached = dict(await self._cache.get_or_compute(key, compute))
+        with _tracer.start_as_current_span("cache", attributes=_version_attributes(version)) as span:
+            cached = dict(await self._cache.get_or_compute(key, compute))
+            span.set_attribute("scoremesh.cache.hit", not computed)
         backend = str(cached.pop(_BACKEND_KEY))
         return Served(cached, backend)
 
@@ -150,14 +168,25 @@ class ScoringService:
         outputs: Sequence[str],
         deadline: float,
     ) -> Served:
+        attributes = {**_version_attributes(version), "scoremesh.backend": backend.name}
+
         async def execute(batch: dict[str, Array], timeout_s: float) -> dict[str, Array]:
-            return await self._backends.run(backend, version, batch, outputs, timeout_s)
+            with _tracer.start_as_current_span(f"backend {backend.name}", attributes=attributes) as span:
+                headers: dict[str, str] = {}
+                if span.is_recording():
+                    # Triton continues this context: its spans join the trace under this one
+                    propagate.inject(headers)
+                return await self._backends.run(
+                    backend, version, batch, outputs, timeout_s, trace_headers=headers or None
+                )
 
         if version.max_batch_size:
             key = (backend.name, version.key, tuple(outputs), _batch_shape(inputs))
             rows, limit = tensors.batch_rows(inputs), version.max_batch_size
             if rows <= limit:
-                result = await self._batcher.submit(key, inputs, deadline, execute=execute)
+                result = await self._batcher.submit(
+                    key, inputs, deadline, execute=execute, attributes=attributes
+                )
             else:
                 # no backend call may carry more than max_batch_size rows (Triton refuses
                 # them): a large request goes as several parts, each batched like any other
@@ -166,7 +195,10 @@ class ScoringService:
                     for start in range(0, rows, limit)
                 ]
                 results = await asyncio.gather(
-                    *(self._batcher.submit(key, part, deadline, execute=execute) for part in parts)
+                    *(
+                        self._batcher.submit(key, part, deadline, execute=execute, attributes=attributes)
+                        for part in parts
+                    )
                 )
                 result = {name: np.concatenate([r[name] for r in results]) for name in results[0]}
         else:
@@ -229,6 +261,10 @@ class ScoringService:
         """One round of canaries over every loaded version (run periodically)."""
         for version in self._router.loaded():
             await self.canary(version, max_age_s=0)
+
+
+def _version_attributes(version: LoadedVersion) -> dict[str, AttributeValue]:
+    return {"scoremesh.model": version.model, "scoremesh.version": version.version}
 
 
 def _batch_shape(inputs: Mapping[str, Array]) -> tuple[tuple[str, str, tuple[int, ...]], ...]:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import grpc
+from opentelemetry import propagate
 from scoremesh.training.v1 import training_pb2 as pb
 from scoremesh.training.v1 import training_pb2_grpc
 
@@ -23,11 +24,12 @@ def _caller(context: Context) -> Caller:
     return caller_from_metadata(context.invocation_metadata())
 
 
-def _traceparent(context: Context) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "traceparent" and isinstance(value, str):
-            return value[:128]
-    return ""
+def _traceparent() -> str:
+    """This call's span as a W3C traceparent, kept on the job so that its spans can link back
+    to the request that submitted it ("" when the call is not traced)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent", "")[:128]
 
 
 async def _chunks(requests: AsyncIterator[pb.UploadDatasetRequest]) -> AsyncIterator[bytes]:
@@ -54,7 +56,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):  # type: ignore[misc
             idempotency_key=request.idempotency_key,
             max_attempts=request.max_attempts,
             time_limit_s=request.time_limit_s,
-            traceparent=_traceparent(context),
+            traceparent=_traceparent(),
         )
         job, _ = await self._service.submit(_caller(context), submission)
         return conv.job_to_pb(job)

@@ -24,7 +24,7 @@ import socket
 import sys
 import tempfile
 import uuid
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -32,6 +32,9 @@ from typing import Any, Final
 import grpc
 import grpc.aio
 from google.protobuf import struct_pb2
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Link, SpanKind
 from scoremesh.registry.v1 import registry_pb2 as registry_pb
 
 from services.mesh.artifacts import LocalArtifactStore
@@ -45,6 +48,7 @@ from services.training.datasets import DatasetStore
 from services.training.jobs import Job, JobState, JobStore, LeaseLost, Outcome
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
 
 IDLE_RECHECK_S: Final = 60.0
 """The longest an idle slot sleeps without a notification: a safety net, not the way work is found."""
@@ -146,6 +150,10 @@ class Worker:
 
     async def run_job(self, job: Job, owner: str, stop: asyncio.Event) -> None:
         """One attempt at ``job``, which ``owner`` has claimed."""
+        with _job_span(job):
+            await self._run_job(job, owner, stop)
+
+    async def _run_job(self, job: Job, owner: str, stop: asyncio.Event) -> None:
         watch = _Watch()
         heartbeat = asyncio.create_task(self._heartbeat(job, owner, watch), name=f"heartbeat-{job.id}")
         log.info("job %s (%s) attempt %d started by %s", job.id, job.plugin, job.attempts, owner)
@@ -180,7 +188,8 @@ class Worker:
         if sha256 is None or not self._files.path_of(sha256).is_file():
             workdir = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=self._work_dir))
             try:
-                run = await self._train(job, owner, workdir, watch, stop)
+                with _tracer.start_as_current_span("plugin run", attributes={"scoremesh.plugin": job.plugin}):
+                    run = await self._train(job, owner, workdir, watch, stop)
                 metrics.update({k: float(v) for k, v in (run.result or {}).get("metrics", {}).items()})
                 sha256 = await self._keep(workdir / "model.onnx")
             finally:
@@ -190,7 +199,10 @@ class Worker:
             await self._jobs.report(
                 job.id, owner, "log", {"message": "registering the model an earlier attempt trained"}
             )
-        return await self._register(job, owner, self._files.path_of(sha256), metrics)
+        with _tracer.start_as_current_span(
+            "register", attributes={"scoremesh.model": job.registration.model}
+        ):
+            return await self._register(job, owner, self._files.path_of(sha256), metrics)
 
     async def _keep(self, model: Path) -> str:
         """Copies the trained model into the training store; returns its sha256."""
@@ -405,6 +417,26 @@ class Worker:
                 return
             except Exception as error:  # the lease may still be renewed before it runs out
                 log.warning("job %s: heartbeat failed: %s", job.id, error)
+
+
+@contextlib.contextmanager
+def _job_span(job: Job) -> Iterator[trace.Span]:
+    """A new trace per attempt, linked to the request that submitted the job (its
+    traceparent was kept on the job): the attempt runs long after that request ended."""
+    submitted = trace.get_current_span(propagate.extract({"traceparent": job.traceparent})).get_span_context()
+    with _tracer.start_as_current_span(
+        "training job",
+        context=otel_context.Context(),
+        kind=SpanKind.CONSUMER,
+        links=[Link(submitted)] if submitted.is_valid else [],
+        attributes={
+            "scoremesh.job_id": job.id,
+            "scoremesh.plugin": job.plugin,
+            "scoremesh.model": job.registration.model,
+            "scoremesh.attempt": job.attempts,
+        },
+    ) as span:
+        yield span
 
 
 def _caller(job: Job) -> Caller:
