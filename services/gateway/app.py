@@ -8,6 +8,7 @@ generically from the binding's descriptors, so a new annotated RPC needs no code
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -40,6 +41,7 @@ from services.gateway.transcoding import (
     ndjson_line,
     response_json,
 )
+from services.mesh import metrics
 from services.mesh.channels import mesh_headers
 from services.mesh.errors import MeshError, NotFound, ResourceExhausted
 from services.mesh.identity import Caller
@@ -52,6 +54,7 @@ JSON: Final = "application/json"
 _READ_METHODS: Final = frozenset({"GET"})
 CALLER_CACHE_MAX: Final = 10_000
 TRACE_ID_HEADER: Final = "X-Trace-Id"
+_ROUTE: Final = web.RequestKey("route", str)
 _tracer = trace.get_tracer(__name__)
 # what a route needs beyond the default (models:read to read, models:write to change)
 _SCOPES: Final[Mapping[str, Scope]] = {
@@ -103,6 +106,7 @@ class Gateway:
             client_max_size=self.max_body_bytes, middlewares=[_traced, _json_routing_errors]
         )
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/openapi.json", self.openapi)
         app.router.add_get("/docs", self.docs)
         app.router.add_route("*", "/v1/{tail:.*}", self.transcode)
@@ -122,6 +126,9 @@ class Gateway:
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
     async def openapi(self, request: web.Request) -> web.Response:
         return web.Response(body=self.openapi_json, content_type=JSON)
 
@@ -134,6 +141,7 @@ class Gateway:
         try:
             match = self.router.match(request.method, request.raw_path.split("?", 1)[0])
             binding = match.binding
+            request[_ROUTE] = binding.path.text
             span = trace.get_current_span()
             if span.is_recording():
                 span.update_name(f"{request.method} {binding.path.text}")
@@ -397,7 +405,9 @@ async def _traced(request: web.Request, handler: Handler) -> web.StreamResponse:
     handler makes to the services carry it on. The response names the trace in
     ``X-Trace-Id``, so a user can look the request up (``scoremesh traces ID``)."""
     resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else request.path
+    # unmatched paths share one label: a label per path would grow without bound
+    route = resource.canonical if resource is not None else "unmatched"
+    started = time.perf_counter()
     with _tracer.start_as_current_span(
         f"{request.method} {route}",
         context=propagate.extract(request.headers),
@@ -411,6 +421,9 @@ async def _traced(request: web.Request, handler: Handler) -> web.StreamResponse:
                 span.set_status(StatusCode.ERROR)
         if not response.prepared:
             response.headers.update(_trace_header())
+        route = request.get(_ROUTE, route)  # the RPC's template, for the generic /v1 route
+        metrics.HTTP_REQUESTS.labels(route, str(response.status)).inc()
+        metrics.HTTP_DURATION.labels(route).observe(time.perf_counter() - started)
         return response
 
 

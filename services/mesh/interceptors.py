@@ -27,6 +27,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.status import Status, StatusCode
 
+from services.mesh import metrics
 from services.mesh.errors import MeshError, Unauthenticated
 from services.mesh.identity import INTERNAL_HEADER
 from services.mesh.status import abort, status_code
@@ -103,7 +104,7 @@ class _Call:
 class _Method:
     """The per-method half of the interceptor: names, span attributes, the begin/end of a call."""
 
-    __slots__ = ("attributes", "name", "token", "tracer")
+    __slots__ = ("attributes", "meters", "name", "token", "tracer")
 
     def __init__(self, name: str, tracer: trace.Tracer, token: str | None) -> None:
         self.name = name
@@ -112,6 +113,17 @@ class _Method:
         self.token = None if name.startswith(_OPEN_SERVICES) else token
         service, _, method = name.lstrip("/").rpartition("/")
         self.attributes: dict[str, str] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+        # the labelled children per status code, looked up once
+        self.meters: dict[grpc.StatusCode, tuple[Any, Any]] = {}
+
+    def _observe(self, code: grpc.StatusCode, seconds: float) -> None:
+        meters = self.meters.get(code)
+        if meters is None:
+            labels = (self.attributes["rpc.service"], self.attributes["rpc.method"], code.name)
+            meters = (metrics.RPC_REQUESTS.labels(*labels), metrics.RPC_DURATION.labels(*labels))
+            self.meters[code] = meters
+        meters[0].inc()
+        meters[1].observe(seconds)
 
     def begin(self, context: _Context) -> _Call:
         start = time.perf_counter()
@@ -154,7 +166,9 @@ class _Method:
 
     def end(self, call: _Call, code: grpc.StatusCode, message: str, exc: BaseException | None = None) -> None:
         span = call.span
-        elapsed_ms = (time.perf_counter() - call.start) * 1000.0
+        elapsed = time.perf_counter() - call.start
+        self._observe(code, elapsed)
+        elapsed_ms = elapsed * 1000.0
         if span.is_recording():
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code in _SPAN_ERRORS:

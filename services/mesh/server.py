@@ -27,6 +27,7 @@ from opentelemetry import trace
 
 from services.mesh.channels import KEEPALIVE_TIME_MS
 from services.mesh.interceptors import MeshServerInterceptor
+from services.mesh.metrics import MetricsServer, serve_metrics
 from services.mesh.settings import MeshSettings
 
 __all__ = [
@@ -104,6 +105,10 @@ class MeshServer:
         self._bound_port: int | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
+
+    @property
+    def host(self) -> str:
+        return self._host
 
     @property
     def started(self) -> bool:
@@ -215,22 +220,29 @@ async def serve(
     end even if this task is cancelled meanwhile, and a failing step is logged without
     skipping the next ones.
 
-    While serving, the bound address is announced in :func:`address_file`.
+    While serving, the bound address is announced in :func:`address_file`, and Prometheus's
+    ``/metrics`` is served on ``settings.metrics_port`` (announced as ``<name>-metrics``).
     """
     stop = stop_event if stop_event is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
     restore_signals = _install_signal_handlers(loop, stop)
-    announced: Path | None = None
+    announced: list[Path] = []
+    exporter: MetricsServer | None = None
     try:
         if not server.started:
             await server.start()
-        announced = announce(address_file(server.settings.home, server.name), server.address)
+        exporter = serve_metrics(server.host, server.settings.metrics_port)
+        home = server.settings.home
+        announced.append(announce(address_file(home, f"{server.name}-metrics"), exporter.address))
+        announced.append(announce(address_file(home, server.name), server.address))
         await stop.wait()
     finally:
         cancelled = False
         try:
-            if announced is not None:
-                announced.unlink(missing_ok=True)
+            for path in announced:
+                path.unlink(missing_ok=True)
+            if exporter is not None:
+                exporter.close()
             cancelled |= await _run_to_end(f"stopping {server.name}", server.stop())
             for step in cleanup:
                 cancelled |= await _run_to_end(f"cleanup {getattr(step, '__qualname__', step)!s}", step())

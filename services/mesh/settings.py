@@ -73,6 +73,11 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "",
         "the mesh's shared secret; unset: $SCOREMESH_HOME/internal.token if present, else none",
     ),
+    EnvVar(
+        "SCOREMESH_METRICS_PORT",
+        "0",
+        "the Prometheus /metrics port (0: the OS picks; announced in run/<service>-metrics.addr)",
+    ),
 )
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -242,6 +247,9 @@ class MeshSettings:
     log_format: str
     """SCOREMESH_LOG_FORMAT: ``json`` (one object per line, with trace ids) or ``text``.
     Default json."""
+    metrics_port: int = 0
+    """SCOREMESH_METRICS_PORT: where the service serves Prometheus's ``/metrics`` (default 0:
+    a port the OS picks, announced in ``$SCOREMESH_HOME/run/<service>-metrics.addr``)."""
     internal_token: str | None = None
     """SCOREMESH_INTERNAL_TOKEN, else the contents of ``$SCOREMESH_HOME/internal.token`` when
     that file exists: the shared secret every call inside the mesh carries
@@ -265,6 +273,7 @@ class MeshSettings:
             max_concurrent_rpcs=env_int(env, "SCOREMESH_MAX_CONCURRENT_RPCS", 1000, minimum=1),
             log_level=_log_level(env),
             log_format=env_str(env, "SCOREMESH_LOG_FORMAT", "json", choices=LOG_FORMATS),
+            metrics_port=env_int(env, "SCOREMESH_METRICS_PORT", 0, minimum=0, maximum=65535),
             internal_token=_internal_token(env, home),
         )
 

@@ -30,6 +30,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
 from opentelemetry.util.types import AttributeValue
 
+from services.mesh import metrics
 from services.mesh.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -425,6 +426,7 @@ class Batcher:
                 self.stats.requests += len(live)
                 rows = sum(m.rows for m in live)
                 self.stats.rows += rows
+                _observe(live, rows, full=queue.queued > 0, now=self._now(asyncio.get_running_loop()))
                 with _batch_span(live, rows, queue.attributes):
                     await self._execute_isolating(live, batching=queue.max_rows > 0)
         finally:
@@ -530,6 +532,13 @@ def _split(members: list[_Pending], outputs: Outputs) -> list[Outputs]:
         results.append({name: array[start:stop] for name, array in outputs.items()})
         start = stop
     return results
+
+
+def _observe(members: list[_Pending], rows: int, *, full: bool, now: float) -> None:
+    metrics.BATCHES.labels("full" if full else "drained").inc()
+    metrics.BATCH_ROWS.observe(rows)
+    for pending in members:
+        metrics.BATCH_QUEUE_SECONDS.observe(now - pending.enqueued_at)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from scoremesh.scoring.v1 import scoring_pb2_grpc
 
+from services.mesh import metrics
 from services.mesh.channels import open_channel
 from services.mesh.identity import Caller
 from services.mesh.postgres import database
@@ -20,6 +21,7 @@ from services.mesh.server import MeshServer, Registration, serve
 from services.mesh.telemetry import configure_logging, setup_tracing
 from services.registry.client import RegistryClient
 from services.registry.servicer import SERVICE_NAME as REGISTRY_SERVICE
+from services.scoring import metrics as scoring_metrics
 from services.scoring.backend import Backend
 from services.scoring.backends import BackendSet
 from services.scoring.batcher import Batcher
@@ -143,11 +145,14 @@ async def _build(
     prediction_log.start()
     closers.append(prediction_log.close)
 
+    cache = ResponseCache(settings.cache_bytes)
+    unregister = metrics.register_collector(lambda: scoring_metrics.collector(cache, backends))
+    closers.append(_async(unregister))
     service = ScoringService(
         router,
         backends,
         batcher,
-        ResponseCache(settings.cache_bytes),
+        cache,
         prediction_log,
         ScoringLimits(
             max_request_bytes=settings.max_request_bytes,
@@ -174,6 +179,13 @@ async def _build(
         port=settings.port,
     )
     return Scoring(server, service, router, backends, batcher, local_triton, closers)
+
+
+def _async(step: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        step()
+
+    return run
 
 
 def _shutdown_executor(executor: ThreadPoolExecutor) -> Callable[[], Awaitable[None]]:

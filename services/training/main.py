@@ -13,15 +13,17 @@ from dataclasses import dataclass
 import grpc.aio
 from scoremesh.training.v1 import training_pb2_grpc
 
+from services.mesh import metrics
 from services.mesh.artifacts import LocalArtifactStore
 from services.mesh.channels import open_channel
+from services.mesh.metrics import serve_metrics
 from services.mesh.notify import EventListener
 from services.mesh.postgres import database
-from services.mesh.server import MeshServer, Registration, serve
+from services.mesh.server import MeshServer, Registration, address_file, announce, serve
 from services.mesh.telemetry import configure_logging, setup_tracing
 from services.training import datasets_io
 from services.training.datasets import DatasetStore
-from services.training.jobs import JobStore
+from services.training.jobs import JobState, JobStore
 from services.training.plugins import discover_plugins
 from services.training.service import TrainingService
 from services.training.servicer import SERVICE_NAME, TrainingServicer
@@ -29,6 +31,8 @@ from services.training.settings import TrainingSettings
 from services.training.worker import Worker
 
 log = logging.getLogger(__name__)
+
+QUEUE_COUNT_INTERVAL_S = 5.0
 
 
 def dataset_store(settings: TrainingSettings, jobs: JobStore) -> tuple[DatasetStore, LocalArtifactStore]:
@@ -90,7 +94,25 @@ async def run(settings: TrainingSettings) -> None:
         open_channel(settings.scoring_addr, settings.mesh) as scoring,
     ):
         training = await build_training(settings, database_url, scoring)
-        await serve(training.server, cleanup=[training.close])
+        counting = asyncio.create_task(_count_jobs(training.jobs), name="count-jobs")
+
+        async def stop_counting() -> None:
+            counting.cancel()
+
+        await serve(training.server, cleanup=[stop_counting, training.close])
+
+
+async def _count_jobs(jobs: JobStore) -> None:
+    """Keeps the queue-depth gauge current (a scrape cannot wait on PostgreSQL)."""
+    while True:
+        try:
+            counts = await jobs.counts()
+        except Exception as error:
+            log.warning("counting jobs failed: %s", error)
+        else:
+            for state in JobState:
+                metrics.TRAINING_QUEUE.labels(state.value).set(counts.get(state, 0))
+        await asyncio.sleep(QUEUE_COUNT_INTERVAL_S)
 
 
 @contextlib.asynccontextmanager
@@ -128,7 +150,13 @@ async def run_worker(settings: TrainingSettings) -> None:
         database(settings.database_url, settings.mesh.home) as database_url,
         built_worker(settings, database_url) as worker,
     ):
-        await worker.run(stop)
+        exporter = serve_metrics(settings.host, settings.mesh.metrics_port)
+        announced = announce(address_file(settings.mesh.home, "training-worker-metrics"), exporter.address)
+        try:
+            await worker.run(stop)
+        finally:
+            announced.unlink(missing_ok=True)
+            exporter.close()
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Awaitable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanKind
 from scoremesh.registry.v1 import registry_pb2 as registry_pb
 
+from services.mesh import metrics
 from services.mesh.artifacts import LocalArtifactStore
 from services.mesh.children import CODE_ROOT, child_env, limit_env
 from services.mesh.identity import Caller
@@ -154,6 +156,7 @@ class Worker:
             await self._run_job(job, owner, stop)
 
     async def _run_job(self, job: Job, owner: str, stop: asyncio.Event) -> None:
+        started = time.monotonic()
         watch = _Watch()
         heartbeat = asyncio.create_task(self._heartbeat(job, owner, watch), name=f"heartbeat-{job.id}")
         log.info("job %s (%s) attempt %d started by %s", job.id, job.plugin, job.attempts, owner)
@@ -176,6 +179,7 @@ class Worker:
         try:
             finished = await self._jobs.finish(job.id, owner, outcome)
             log.info("job %s ended %s %s", job.id, finished.state.value, finished.error)
+            metrics.JOB_SECONDS.labels(job.plugin, finished.state.value).observe(time.monotonic() - started)
         except LeaseLost:
             log.warning("job %s: lease lost before its end was recorded", job.id)
         except Exception:

@@ -231,6 +231,17 @@ async def test_scoremesh_up_starts_the_mesh_and_stops_on_ctrl_c(tmp_path: Path) 
             ) as response:
                 assert response.status == 200, await response.text()
                 assert (await response.json())["model_version"] == "1"
+        # every service serves Prometheus metrics on a port it announces
+        async with aiohttp.ClientSession() as http:
+            for name in ("registry", "scoring", "training", "gateway-admin", "training-worker"):
+                metrics_address = address_file(home, f"{name}-metrics").read_text().strip()
+                async with http.get(f"http://{metrics_address}/metrics") as response:
+                    assert response.status == 200, name
+                    text = await response.text()
+                    assert "scoremesh_rpc_requests_total" in text or name == "training-worker", name
+            registry_metrics = address_file(home, "registry-metrics").read_text().strip()
+            async with http.get(f"http://{registry_metrics}/metrics") as response:
+                assert 'method="UploadVersion"' in await response.text()
         # the CLI manages keys through the gateway's Admin service with the token up made
         admin = address_file(home, "gateway-admin").read_text().strip()
         assert any(admin in line for line in banner)
