@@ -555,9 +555,14 @@ def _batch_span(
             wait = _tracer.start_span("queue wait", context=parent, start_time=pending.enqueued_ns)
             wait.end(end_time=started)
     first = members[0].span_context
+    if not first.is_valid:
+        # the first member is in no trace (no SDK here, and its caller sent no traceparent):
+        # nothing records spans in this process then
+        yield trace.INVALID_SPAN
+        return
     with _tracer.start_as_current_span(
         "batch",
-        context=trace.set_span_in_context(NonRecordingSpan(first)) if first.is_valid else None,
+        context=trace.set_span_in_context(NonRecordingSpan(first)),
         links=[Link(m.span_context) for m in members if m.span_context.is_valid],
         attributes={**attributes, "scoremesh.batch_size": rows, "scoremesh.batch_requests": len(members)},
     ) as span:

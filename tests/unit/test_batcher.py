@@ -10,8 +10,13 @@ import asyncio
 
 import numpy as np
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.mesh.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from services.scoring import batcher as batcher_module
 from services.scoring.backend import Array
 from services.scoring.batcher import Batcher, BatchShapeError, Outputs, is_request_fault
 from tests.fakes import FakeClock
@@ -422,3 +427,48 @@ async def test_execute_can_be_given_per_submit() -> None:
 )
 def test_which_failures_are_isolated(error: Exception, isolated: bool) -> None:
     assert is_request_fault(error) is isolated
+
+
+# tracing
+
+
+async def test_a_batch_span_is_a_child_of_its_first_member_and_links_to_every_member(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    monkeypatch.setattr(batcher_module, "_tracer", tracer)
+    fake = Doubler()
+    batcher = Batcher(fake, max_batch_rows=64)
+
+    async def traced(i: int) -> trace.SpanContext:
+        with tracer.start_as_current_span(f"request {i}") as span:
+            await batcher.submit(KEY, request(i), attributes={"scoremesh.model": "m"})
+            return span.get_span_context()
+
+    contexts = await asyncio.gather(*(traced(i) for i in range(3)))
+    spans = exporter.get_finished_spans()
+    (batch,) = [s for s in spans if s.name == "batch"]
+    assert batch.parent is not None
+    assert batch.parent.span_id == contexts[0].span_id
+    assert batch.context.trace_id == contexts[0].trace_id
+    assert {link.context.span_id for link in batch.links} == {c.span_id for c in contexts}
+    assert batch.attributes is not None
+    assert (batch.attributes["scoremesh.batch_size"], batch.attributes["scoremesh.model"]) == (3, "m")
+    waits = [s for s in spans if s.name == "queue wait"]
+    assert sorted(w.parent.span_id for w in waits if w.parent) == sorted(c.span_id for c in contexts)
+    assert all(w.end_time is not None and w.start_time is not None for w in waits)
+    assert all(w.end_time >= w.start_time for w in waits)  # type: ignore[operator]
+
+
+async def test_untraced_requests_make_no_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(batcher_module, "_tracer", provider.get_tracer("test"))
+    batcher = Batcher(Doubler(), max_batch_rows=64)
+    await asyncio.gather(*(batcher.submit(KEY, request(i)) for i in range(3)))
+    # outside any trace a batch starts none of its own
+    assert exporter.get_finished_spans() == ()
