@@ -188,17 +188,17 @@ class Worker:
 
     async def _attempt(self, job: Job, owner: str, watch: _Watch, stop: asyncio.Event) -> Outcome:
         sha256 = job.artifact_sha256
-        metrics = dict(job.metrics)
+        scores = dict(job.metrics)
         if sha256 is None or not self._files.path_of(sha256).is_file():
             workdir = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=self._work_dir))
             try:
                 with _tracer.start_as_current_span("plugin run", attributes={"scoremesh.plugin": job.plugin}):
                     run = await self._train(job, owner, workdir, watch, stop)
-                metrics.update({k: float(v) for k, v in (run.result or {}).get("metrics", {}).items()})
+                scores.update({k: float(v) for k, v in (run.result or {}).get("metrics", {}).items()})
                 sha256 = await self._keep(workdir / "model.onnx")
             finally:
                 await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
-            await self._jobs.save_artifact(job.id, owner, sha256, metrics)
+            await self._jobs.save_artifact(job.id, owner, sha256, scores)
         else:
             await self._jobs.report(
                 job.id, owner, "log", {"message": "registering the model an earlier attempt trained"}
@@ -206,7 +206,7 @@ class Worker:
         with _tracer.start_as_current_span(
             "register", attributes={"scoremesh.model": job.registration.model}
         ):
-            return await self._register(job, owner, self._files.path_of(sha256), metrics)
+            return await self._register(job, owner, self._files.path_of(sha256), scores)
 
     async def _keep(self, model: Path) -> str:
         """Copies the trained model into the training store; returns its sha256."""
