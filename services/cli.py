@@ -29,6 +29,7 @@ from services.mesh.settings import MeshSettings, SettingsError, env_str
 from services.mesh.status import describe
 from services.registry.client import Reference, RegistryClient
 from services.terminal import as_json, print_json
+from services.traces import command as traces_command
 from services.training import commands as training_commands
 from services.training.client import TrainingClient
 
@@ -406,6 +407,7 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("id", help="the key's id (the 12 hex characters after smk_)")
 
     training_commands.add_commands(commands, _run_training_command)
+    traces_command.add_command(commands)
 
     usage = commands.add_parser("usage", help="requests and rows scored per key and model")
     usage.add_argument("--key", help="only this key id")

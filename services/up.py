@@ -1,7 +1,9 @@
 """``scoremesh up``: the whole mesh in the foreground on one machine.
 
 PostgreSQL (the configured one, or a private cluster under SCOREMESH_HOME) and each service
-as a supervised child process; Ctrl-C (or SIGTERM) stops them all in reverse order.
+as a supervised child process; Ctrl-C (or SIGTERM) stops them all in reverse order. Spans go
+to a local OTLP receiver run in this process, unless the OTEL_* variables send them elsewhere
+(services.traces.local).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from services.mesh.supervisor import ProcessSpec, Supervisor
 from services.mesh.telemetry import configure_logging
 from services.registry.servicer import SERVICE_NAME as REGISTRY_SERVICE
 from services.scoring.oip import SERVICE_NAME as INFERENCE_SERVICE
+from services.traces.local import TraceExport, otel_service_name, start_trace_export
 from services.training.servicer import SERVICE_NAME as TRAINING_SERVICE
 
 log = logging.getLogger("scoremesh.up")
@@ -37,7 +40,7 @@ def _service(name: str, mesh: MeshSettings, health_service: str, env: dict[str, 
         argv=[sys.executable, "-m", "services.cli", "serve", name],
         address_file=address_file(mesh.home, name),
         health_service=health_service,
-        env=env,
+        env={**env, "OTEL_SERVICE_NAME": otel_service_name(name)},
     )
 
 
@@ -59,11 +62,15 @@ def ensure_internal_token(mesh: MeshSettings) -> str:
 
 
 def _service_stages(
-    mesh: MeshSettings, database_url: str, token: str
+    mesh: MeshSettings, database_url: str, token: str, traces: TraceExport
 ) -> list[Callable[[dict[str, str]], ProcessSpec]]:
     """The services in start order; each stage is built from the addresses of those before
     it (``{name: host:port}``), so any of them may listen on port 0."""
-    shared = {"SCOREMESH_DATABASE_URL": database_url, "SCOREMESH_INTERNAL_TOKEN": token}
+    shared = {
+        "SCOREMESH_DATABASE_URL": database_url,
+        "SCOREMESH_INTERNAL_TOKEN": token,
+        **traces.environment,
+    }
     return [
         lambda _: _service("registry", mesh, REGISTRY_SERVICE, shared),
         lambda up: _service(
@@ -111,9 +118,12 @@ async def run_up() -> int:
         cluster = EmbeddedPostgres(mesh.home / "postgres")
         database_url = await asyncio.to_thread(cluster.start)
     supervisor = Supervisor(stop_timeout_s=mesh.shutdown_grace_s + 5)
+    traces = TraceExport()
     try:
+        # first in, last out: the services' final spans, flushed as they stop, still land
+        traces = await start_trace_export(mesh, os.environ)
         addresses: dict[str, str] = {}
-        for stage in _service_stages(mesh, database_url, ensure_internal_token(mesh)):
+        for stage in _service_stages(mesh, database_url, ensure_internal_token(mesh), traces):
             spec = stage(addresses)
             await supervisor.start(spec)
             ready: asyncio.Future[str] = asyncio.ensure_future(supervisor.wait_healthy(spec, READY_TIMEOUT_S))
@@ -139,11 +149,13 @@ async def run_up() -> int:
         if admin.exists():
             print(f"  {'admin':<9} {admin.read_text().strip()} (gRPC: scoremesh keys, scoremesh usage)")
         print(f"  admin key in {mesh.home / 'admin.key'}")
+        print(f"  {'traces':<9} {traces.summary}")
         print("Ctrl-C stops everything.", flush=True)
         await stop.wait()
         print("stopping…", flush=True)
         return 0
     finally:
         await supervisor.stop_all()
+        await traces.close()
         if cluster is not None:
             await asyncio.to_thread(cluster.stop)

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 AttributeValue: TypeAlias = (
-    str | bool | int | float | None | Sequence["AttributeValue"] | Mapping[str, "AttributeValue"]
+    str | bool | int | float | Sequence["AttributeValue"] | Mapping[str, "AttributeValue"] | None
 )
 """An OTLP ``AnyValue`` as JSON: arrays become lists, key-value lists objects, bytes base64."""
 

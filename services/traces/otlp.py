@@ -48,6 +48,8 @@ UNKNOWN_SERVICE: Final = "unknown_service"
 
 _TRACE_ID_BYTES: Final = 16
 _SPAN_ID_BYTES: Final = 8
+# SQLite integers are signed 64-bit: later times are not times anyway
+_MAX_TIME_NS: Final = 2**63 - 1
 # OTLP JSON field names, in their lowerCamelCase and proto spellings
 _ID_FIELDS: Final = ("traceId", "trace_id", "spanId", "span_id", "parentSpanId", "parent_span_id")
 _RESOURCE_SPANS: Final = ("resourceSpans", "resource_spans")
@@ -145,7 +147,7 @@ def decode_export(request: ExportTraceServiceRequest) -> DecodedExport:
         for scope_spans in resource_spans.scope_spans:
             scope = scope_spans.scope.name
             for span in scope_spans.spans:
-                problem = _id_problem(span)
+                problem = _problem(span)
                 if problem:
                     rejected += 1
                     error_message = error_message or problem
@@ -178,7 +180,7 @@ def _service_name(attributes: Iterable[KeyValue]) -> str:
     return UNKNOWN_SERVICE
 
 
-def _id_problem(span: Span) -> str:
+def _problem(span: Span) -> str:
     name = span.name[:64]
     if len(span.trace_id) != _TRACE_ID_BYTES or not any(span.trace_id):
         return f"span {name!r}: trace_id must be 16 bytes, not all zero"
@@ -186,6 +188,8 @@ def _id_problem(span: Span) -> str:
         return f"span {name!r}: span_id must be 8 bytes, not all zero"
     if len(span.parent_span_id) not in (0, _SPAN_ID_BYTES):
         return f"span {name!r}: parent_span_id must be empty or 8 bytes"
+    if span.start_time_unix_nano > _MAX_TIME_NS or span.end_time_unix_nano > _MAX_TIME_NS:
+        return f"span {name!r}: its times are past the year 2262"
     return ""
 
 
