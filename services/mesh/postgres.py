@@ -37,6 +37,7 @@ from typing import IO, Any, Final, Self
 from urllib.parse import quote, urlsplit
 
 import asyncpg
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
@@ -631,6 +632,15 @@ class TracedConnection(asyncpg.Connection):  # type: ignore[misc]
     """A connection whose queries are ``db`` spans, children of the span that runs them. A
     query outside a recorded trace (background flushes, listeners) makes no span: a db span
     alone says nothing and costs an export."""
+
+    async def reset(self, *, timeout: float | None = None) -> None:
+        # the pool resets a connection as it is released, sometimes after the request that
+        # used it ended: housekeeping, not part of any request's trace
+        token = otel_context.attach(otel_context.Context())
+        try:
+            await super().reset(timeout=timeout)
+        finally:
+            otel_context.detach(token)
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         with _db_span(query):
