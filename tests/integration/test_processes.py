@@ -8,8 +8,10 @@ import os
 import signal
 import stat
 import sys
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -164,15 +166,37 @@ async def test_a_registry_stopped_during_an_upload_shows_nothing_after_restart(
         assert await asyncio.wait_for(restarted.wait(), 30) == 0
 
 
+MESH = frozenset(
+    f"scoremesh-{name}" for name in ("registry", "scoring", "training", "training-worker", "gateway")
+)
+
+
+async def _trace(
+    home: Path, trace_id: str, complete: Callable[[list[dict[str, Any]]], bool]
+) -> list[dict[str, Any]]:
+    """The trace's spans from the local store, once ``complete`` holds for them (spans arrive
+    from several processes, each exporting in batches)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        code, out, err = await run_cli({"SCOREMESH_HOME": str(home)}, "traces", trace_id, "--json")
+        spans: list[dict[str, Any]] = json.loads(out) if code == 0 else []
+        if spans and complete(spans):
+            return spans
+        assert time.monotonic() < deadline, (code, out, err)
+        await asyncio.sleep(0.2)
+
+
 async def test_scoremesh_up_starts_the_mesh_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = {
         key: value
         for key, value in os.environ.items()
-        if key not in ("SCOREMESH_DATABASE_URL", "DATABASE_URL")
+        if key not in ("SCOREMESH_DATABASE_URL", "DATABASE_URL") and not key.startswith("OTEL_")
     }
     env.update(
         {
+            # spans leave each service within 0.2 s rather than the default 5 s
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
             "SCOREMESH_HOME": str(home),
             "SCOREMESH_REGISTRY_PORT": "0",
             "SCOREMESH_SCORING_PORT": "0",
@@ -231,6 +255,41 @@ async def test_scoremesh_up_starts_the_mesh_and_stops_on_ctrl_c(tmp_path: Path) 
             ) as response:
                 assert response.status == 200, await response.text()
                 assert (await response.json())["model_version"] == "1"
+                trace_id = response.headers["X-Trace-Id"]
+        # that request is one trace: gateway → scoring → batch → backend → Triton
+        spans = await _trace(home, trace_id, lambda spans: any(s["service"] not in MESH for s in spans))
+        by_id = {span["span_id"]: span for span in spans}
+
+        def parent(span: dict[str, Any]) -> dict[str, Any]:
+            return by_id[span["parent_span_id"]]
+
+        [gateway_span] = [s for s in spans if s["service"] == "scoremesh-gateway"]
+        [infer] = [s for s in spans if s["name"] == "/inference.GRPCInferenceService/ModelInfer"]
+        [batch] = [s for s in spans if s["name"] == "batch"]
+        [backend] = [s for s in spans if s["name"].startswith("backend ")]
+        assert not gateway_span["parent_span_id"]
+        assert parent(infer) is gateway_span
+        assert infer["service"] == "scoremesh-scoring"
+        assert parent(batch)["span_id"] in (
+            infer["span_id"],
+            *(s["span_id"] for s in spans if s["name"] == "cache"),
+        )
+        assert batch["attributes"]["scoremesh.batch_size"] == 1
+        assert any(
+            link["span_id"] == batch["parent_span_id"] or link["span_id"] == infer["span_id"]
+            for link in batch["links"]
+        )
+        assert parent(backend) is batch
+        assert backend["attributes"]["scoremesh.backend"] == "triton"
+        triton = [s for s in spans if s["service"] not in MESH]
+        assert any(s["parent_span_id"] == backend["span_id"] for s in triton), triton
+        # an upload is a registry trace with its PostgreSQL queries
+        code, out, err = await run_cli(env, "traces", "--service", "registry", "--json", "--limit", "100")
+        assert code == 0, err
+        uploads = [t for t in json.loads(out) if t["root_name"].endswith("/UploadVersion")]
+        assert uploads, out
+        upload = await _trace(home, uploads[0]["trace_id"], lambda spans: True)
+        assert any(s["attributes"].get("db.system") == "postgresql" for s in upload)
         # every service serves Prometheus metrics on a port it announces
         async with aiohttp.ClientSession() as http:
             for name in ("registry", "scoring", "training", "gateway-admin", "training-worker"):
