@@ -171,11 +171,11 @@ class ScoringService:
         attributes = {**_version_attributes(version), "scoremesh.backend": backend.name}
 
         async def execute(batch: dict[str, Array], timeout_s: float) -> dict[str, Array]:
-            with _tracer.start_as_current_span(f"backend {backend.name}", attributes=attributes) as span:
+            with _tracer.start_as_current_span(f"backend {backend.name}", attributes=attributes):
+                # Triton continues this context: its spans join the trace under this one when
+                # it is sampled, and it records nothing when it is not
                 headers: dict[str, str] = {}
-                if span.is_recording():
-                    # Triton continues this context: its spans join the trace under this one
-                    propagate.inject(headers)
+                propagate.inject(headers)
                 return await self._backends.run(
                     backend, version, batch, outputs, timeout_s, trace_headers=headers or None
                 )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from typing import Final
@@ -308,7 +309,9 @@ class TritonBackend:
                 request,
                 outputs=[InferRequestedOutput(output) for output in wanted],
                 client_timeout=timeout,
-                headers=dict(headers) if headers else None,
+                # a call outside any trace (load canaries, health canaries) says "not
+                # sampled": Triton, which traces every request it sees, then leaves it alone
+                headers=dict(headers) if headers else _untraced(),
             )
         except InferenceServerException as exc:
             if _STUB_DIED in (exc.message() or "") and version.key in self._loaded:
@@ -374,3 +377,8 @@ def translate_error(exc: InferenceServerException, model_name: str, *, loaded: b
     return Unavailable(
         f"Triton failed to run {model_name} ({code or 'no status'}): {message}", reason="TRITON_FAILED"
     )
+
+
+def _untraced() -> dict[str, str]:
+    """A W3C traceparent that Triton continues without recording (flags 00)."""
+    return {"traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-00"}

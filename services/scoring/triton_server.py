@@ -157,13 +157,11 @@ def opentelemetry_trace_args(otlp_http_url: str, *, rate: int = 1, level: str = 
 
 def trace_args_from_env(env: Mapping[str, str]) -> list[str]:
     """Triton's ``--trace-config`` arguments from the standard OpenTelemetry variables the
-    mesh's services read: exporting to the same OTLP/HTTP endpoint, at a rate that keeps about
-    the share of requests the sampler keeps. None when tracing is off, or when the endpoint
-    speaks OTLP/gRPC (Triton exports OTLP/HTTP only).
-
-    Triton samples on its own (every ``rate``-th request) rather than by the incoming
-    ``traceparent``'s flag: at a ratio below 1 some of its spans belong to traces the mesh
-    did not keep, and some kept traces lack Triton's spans."""
+    mesh's services read: exporting to the same OTLP/HTTP endpoint. Triton traces every
+    request (rate 1) and follows the incoming ``traceparent``'s sampled flag, so the mesh's
+    sampler decides (the scoring service sends the flag on every call, "not sampled" on
+    calls outside a trace). None when tracing is off, or when the endpoint speaks OTLP/gRPC
+    (Triton exports OTLP/HTTP only)."""
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return []
     if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() not in ("otlp", ""):
@@ -181,20 +179,9 @@ def trace_args_from_env(env: Mapping[str, str]) -> list[str]:
         if not base:
             return []
         url = base.rstrip("/") + "/v1/traces"
-    url = url.split("://", 1)[-1]
-    sampler = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
-    if sampler in ("always_off", "parentbased_always_off"):
+    if env.get("OTEL_TRACES_SAMPLER", "").strip().lower() in ("always_off", "parentbased_always_off"):
         return []
-    rate = 1
-    if sampler in ("traceidratio", "parentbased_traceidratio"):
-        try:
-            ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG", "1"))
-        except ValueError:
-            ratio = 1.0
-        if not 0 < ratio <= 1:
-            return [] if ratio <= 0 else opentelemetry_trace_args(url)
-        rate = max(1, round(1 / ratio))
-    return opentelemetry_trace_args(url, rate=rate)
+    return opentelemetry_trace_args(url.split("://", 1)[-1])
 
 
 class LocalTriton:
