@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
 from opentelemetry.util.types import AttributeValue
@@ -545,25 +546,32 @@ def _observe(members: list[_Pending], rows: int, *, full: bool, now: float) -> N
 def _batch_span(
     members: list[_Pending], rows: int, attributes: Mapping[str, AttributeValue]
 ) -> Iterator[trace.Span]:
-    """The span of one executed batch: a child of its first member's span (so a lone
+    """The span of one executed batch: a child of its first sampled member's span (so a lone
     request's trace holds its batch and the backend's spans), linked to every member's. Each
-    sampled member also gets a ``queue wait`` span, from its arrival until now."""
+    sampled member also gets a ``queue wait`` span, from its arrival until now.
+
+    The batch runs in this span's context alone: the task it runs in was started by some
+    request and would otherwise carry that request's context into the backend's spans."""
     started = time.time_ns()
     for pending in members:
         if pending.enqueued_ns:
             parent = trace.set_span_in_context(NonRecordingSpan(pending.span_context))
             wait = _tracer.start_span("queue wait", context=parent, start_time=pending.enqueued_ns)
             wait.end(end_time=started)
-    first = members[0].span_context
-    if not first.is_valid:
-        # the first member is in no trace (no SDK here, and its caller sent no traceparent):
-        # nothing records spans in this process then
-        yield trace.INVALID_SPAN
+    contexts = [m.span_context for m in members if m.span_context.is_valid]
+    if not contexts:
+        # no member is in a trace (no SDK here, and no caller sent a traceparent)
+        token = otel_context.attach(otel_context.Context())
+        try:
+            yield trace.INVALID_SPAN
+        finally:
+            otel_context.detach(token)
         return
+    first = next((c for c in contexts if c.trace_flags.sampled), contexts[0])
     with _tracer.start_as_current_span(
         "batch",
         context=trace.set_span_in_context(NonRecordingSpan(first)),
-        links=[Link(m.span_context) for m in members if m.span_context.is_valid],
+        links=[Link(c) for c in contexts],
         attributes={**attributes, "scoremesh.batch_size": rows, "scoremesh.batch_requests": len(members)},
     ) as span:
         yield span

@@ -472,3 +472,38 @@ async def test_untraced_requests_make_no_spans(monkeypatch: pytest.MonkeyPatch) 
     await asyncio.gather(*(batcher.submit(KEY, request(i)) for i in range(3)))
     # outside any trace a batch starts none of its own
     assert exporter.get_finished_spans() == ()
+
+
+async def test_a_batch_joins_a_sampled_members_trace_when_the_first_is_not_sampled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    monkeypatch.setattr(batcher_module, "_tracer", tracer)
+    seen: list[trace.SpanContext] = []
+
+    async def execute(inputs: dict[str, Array], timeout_s: float) -> Outputs:
+        seen.append(trace.get_current_span().get_span_context())
+        return {"y": inputs["x"] * 2}
+
+    batcher = Batcher(execute, max_batch_rows=64)
+    unsampled = trace.SpanContext(0x1, 0x2, is_remote=True, trace_flags=trace.TraceFlags(0))
+
+    async def untraced_member() -> None:
+        with trace.use_span(trace.NonRecordingSpan(unsampled)):
+            await batcher.submit(KEY, request(0))
+
+    async def traced_member() -> trace.SpanContext:
+        with tracer.start_as_current_span("sampled request") as span:
+            await batcher.submit(KEY, request(1))
+            return span.get_span_context()
+
+    _, sampled = await asyncio.gather(untraced_member(), traced_member())
+    (batch,) = [s for s in exporter.get_finished_spans() if s.name == "batch"]
+    assert batch.parent is not None
+    assert (batch.parent.span_id, batch.context.trace_id) == (sampled.span_id, sampled.trace_id)
+    assert {link.context.span_id for link in batch.links} == {unsampled.span_id, sampled.span_id}
+    # the backend ran in the batch's context, not in the one of the request that started the task
+    assert [c.span_id for c in seen] == [batch.context.span_id]
