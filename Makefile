@@ -40,6 +40,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.registry
 	$(BIN)/python -m bench.scoring
 	$(BIN)/python -m bench.gateway
+	$(BIN)/python -m bench.training
+	$(BIN)/python -m bench.tracing
 
 clean:
 	rm -rf $(VENV)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, NamedTuple
 
+import asyncpg
+
 from services.mesh.channels import open_channel
 from services.mesh.identity import Caller
 from services.mesh.server import address_file
@@ -245,3 +247,36 @@ def machine_ticks() -> MachineTicks:
     )
     total = user + nice + system + idle + iowait + irq + softirq + steal
     return MachineTicks(busy=user + nice + system + irq + softirq, steal=steal, total=total)
+
+
+def reaped_cpu_snapshot(roots: Iterable[int]) -> dict[int, float]:
+    """CPU seconds (user + system) of the children each process in the trees of ``roots`` has
+    waited for (``cutime`` + ``cstime``). Short-lived children (a training worker's plugin
+    processes, the registry's verification processes, PostgreSQL's closed backends) are gone
+    from the tree by the time :func:`cpu_snapshot` looks; their CPU shows only here."""
+    snapshot: dict[int, float] = {}
+    for pid in process_tree(roots):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # cutime and cstime are fields 16 and 17 of the stat line (see cpu_snapshot)
+        fields = stat.rsplit(")", 1)[1].split()
+        snapshot[pid] = (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
+    return snapshot
+
+
+async def postmaster_pid(database_url: str) -> int | None:
+    """The PostgreSQL server's pid when it runs on this machine (its data directory is here)
+    and the URL's role may read where that is, else None."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        data_directory = await connection.fetchval("SHOW data_directory")
+    except asyncpg.PostgresError:
+        return None  # not a superuser
+    finally:
+        await connection.close()
+    try:
+        return int((Path(data_directory) / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
