@@ -9,7 +9,7 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import services
@@ -62,3 +62,10 @@ def apply_own_limits() -> None:
     limit = os.environ.get(MEMORY_LIMIT_ENV)
     if limit:
         resource.setrlimit(resource.RLIMIT_AS, (int(limit), int(limit)))
+
+
+def dying_with_parent(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that it gets SIGTERM when this process dies, without a ``preexec_fn``
+    (see :mod:`services.mesh.exec_child`). Its environment needs :func:`child_env`'s
+    PYTHONPATH when this code base is not installed."""
+    return [sys.executable, "-m", "services.mesh.exec_child", str(os.getpid()), *argv]

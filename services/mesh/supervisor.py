@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,7 @@ import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.mesh.children import die_with_parent
+from services.mesh.children import child_env, dying_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +55,9 @@ class Supervisor:
     async def _spawn(self, spec: ProcessSpec) -> None:
         if spec.address_file is not None:
             spec.address_file.unlink(missing_ok=True)
-        env = {**os.environ, **spec.env}
+        env = {**child_env(threads=None), **spec.env}
         process = await asyncio.create_subprocess_exec(
-            *spec.argv, env=env, stdin=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent
+            *dying_with_parent(spec.argv), env=env, stdin=asyncio.subprocess.DEVNULL
         )
         self._processes[spec.name] = process
         log.info("started %s (pid %s)", spec.name, process.pid)

@@ -41,7 +41,7 @@ from typing import Final, Self
 import tritonclient.grpc.aio as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from services.mesh.children import die_with_parent
+from services.mesh.children import child_env, dying_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ class LocalTriton:
 
     def _environment(self) -> dict[str, str]:
         assert self._installation is not None
-        env = dict(os.environ)
+        env = child_env(threads=None)  # the exec_child step imports this code base
         libraries = str(self._installation.library_dir)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libraries, env.get("LD_LIBRARY_PATH")]))
         # the python backend's stub runs `python3` from PATH: it must be this environment's,
@@ -375,12 +375,11 @@ class LocalTriton:
         deadline = time.monotonic() + self._start_timeout_s
         with self.log_path.open("ab") as log_file:
             process = await asyncio.create_subprocess_exec(
-                *self._argv(port),
+                *dying_with_parent(self._argv(port)),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
                 env=self._environment(),
-                preexec_fn=die_with_parent,
             )
         self._process = process
         log.info("started tritonserver (pid %s), log in %s", process.pid, self.log_path)
