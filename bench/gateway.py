@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 import aiohttp
-import asyncpg
 import grpc
 import grpc.aio
 import numpy as np
@@ -58,6 +57,7 @@ from bench.common import (
     cpu_snapshot,
     machine_ticks,
     percentile,
+    postmaster_pid,
     publish,
     scoring_env,
     service_process,
@@ -343,22 +343,6 @@ async def measure(job: ClientJob) -> Run:
 
 
 # the mesh
-
-
-async def postmaster_pid(database_url: str) -> int | None:
-    """The PostgreSQL server's pid when it runs on this machine (its data directory is here),
-    else None."""
-    connection = await asyncpg.connect(database_url)
-    try:
-        data_directory = await connection.fetchval("SHOW data_directory")
-    except asyncpg.PostgresError:
-        return None  # not a superuser
-    finally:
-        await connection.close()
-    try:
-        return int((Path(data_directory) / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 async def bench_mesh(workdir: Path, plan: Plan) -> list[Run]:
