@@ -203,19 +203,24 @@ def process_tree(roots: Iterable[int]) -> list[int]:
     return pids
 
 
-def cpu_snapshot(roots: Iterable[int]) -> dict[int, float]:
-    """CPU seconds (user + system, all threads) of every process in the trees of ``roots``."""
+def _stat_seconds(roots: Iterable[int], first: int) -> dict[int, float]:
+    """Fields ``first`` and ``first + 1`` of /proc/PID/stat, as CPU seconds, for every process in
+    the trees of ``roots``. Fields are counted after the parenthesised command (which may hold
+    spaces): 11 and 12 are utime and stime, 13 and 14 cutime and cstime."""
     snapshot: dict[int, float] = {}
     for pid in process_tree(roots):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue  # exited meanwhile
-        # fields after the parenthesised command (which may hold spaces): utime and stime are
-        # fields 14 and 15 of the stat line, 11 and 12 once the first three are gone
         fields = stat.rsplit(")", 1)[1].split()
-        snapshot[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        snapshot[pid] = (int(fields[first]) + int(fields[first + 1])) / CLOCK_TICKS
     return snapshot
+
+
+def cpu_snapshot(roots: Iterable[int]) -> dict[int, float]:
+    """CPU seconds (user + system, all threads) of every process in the trees of ``roots``."""
+    return _stat_seconds(roots, 11)
 
 
 def cpu_delta(before: Mapping[int, float], after: Mapping[int, float]) -> float:
@@ -254,16 +259,7 @@ def reaped_cpu_snapshot(roots: Iterable[int]) -> dict[int, float]:
     waited for (``cutime`` + ``cstime``). Short-lived children (a training worker's plugin
     processes, the registry's verification processes, PostgreSQL's closed backends) are gone
     from the tree by the time :func:`cpu_snapshot` looks; their CPU shows only here."""
-    snapshot: dict[int, float] = {}
-    for pid in process_tree(roots):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue  # exited meanwhile
-        # cutime and cstime are fields 16 and 17 of the stat line (see cpu_snapshot)
-        fields = stat.rsplit(")", 1)[1].split()
-        snapshot[pid] = (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
-    return snapshot
+    return _stat_seconds(roots, 13)
 
 
 async def postmaster_pid(database_url: str) -> int | None:

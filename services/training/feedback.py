@@ -10,7 +10,7 @@ feedback cannot be used are skipped and counted, never guessed at.
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -109,13 +109,6 @@ async def labelled_predictions(
         token = page.next_page_token
         if not token:
             return
-
-
-def collect(predictions: Iterable[pb.Prediction]) -> FeedbackRows:
-    rows = FeedbackRows()
-    for prediction in predictions:
-        rows.add(prediction)
-    return rows
 
 
 def require_rows(rows: FeedbackRows, model: str) -> None:
