@@ -467,14 +467,23 @@ def _label(function: str, path: str) -> str:
     return f"{function} ({path})"
 
 
+# the OpenTelemetry API, and the mesh's implementation of it
+_TRACING_CODE: Final = ("/opentelemetry/", "/services/mesh/spans.py", "/services/mesh/otlp.py")
+
+
+def _is_tracing(path: str) -> bool:
+    return any(marker in path for marker in _TRACING_CODE)
+
+
 def profile_summary(stacks: str, top: int = 12) -> dict[str, Any]:
     """py-spy's collapsed stacks (``--format raw --threads --full-filenames``) → the share of
-    the scoring process's samples spent in OpenTelemetry code: in all, by the SDK entry point
-    (the outermost OpenTelemetry frame), and by the scoremesh function that called it (or the
-    thread, for the SDK's own export thread)."""
+    the scoring process's samples spent in tracing code (the OpenTelemetry API and the mesh's
+    tracer, spans.py and otlp.py): in all, by entry point (the outermost such frame), and by
+    the scoremesh function that called it (or the thread, for the export thread)."""
     total = otel = 0
     by_entry: collections.Counter[str] = collections.Counter()
     by_caller: collections.Counter[str] = collections.Counter()
+    by_function: collections.Counter[str] = collections.Counter()
     by_thread: collections.Counter[str] = collections.Counter()
     for line in stacks.splitlines():
         frames, _, count_text = line.rpartition(" ")
@@ -485,16 +494,25 @@ def profile_summary(stacks: str, top: int = 12) -> dict[str, Any]:
         thread, *calls = frames.split(";")
         by_thread[thread.partition(": ")[2] or thread] += count
         parsed = [_frame(call) for call in calls]
-        first = next((i for i, (_, path) in enumerate(parsed) if "/opentelemetry/" in path), None)
+        first = next((i for i, (_, path) in enumerate(parsed) if _is_tracing(path)), None)
         if first is None:
             continue
         otel += count
         by_entry[_label(*parsed[first])] += count
-        caller = next((parsed[i] for i in range(first - 1, -1, -1) if "/services/" in parsed[i][1]), None)
+        innermost = next(parsed[i] for i in range(len(parsed) - 1, -1, -1) if _is_tracing(parsed[i][1]))
+        by_function[_label(*innermost)] += count
+        caller = next(
+            (
+                parsed[i]
+                for i in range(first - 1, -1, -1)
+                if "/services/" in parsed[i][1] and not _is_tracing(parsed[i][1])
+            ),
+            None,
+        )
         by_caller[_label(*caller) if caller else f"thread {thread.partition(': ')[2] or thread}"] += count
 
-    def shares(counter: collections.Counter[str]) -> dict[str, float]:
-        return {label: round(100 * count / max(1, total), 1) for label, count in counter.most_common(top)}
+    def shares(counter: collections.Counter[str], most: int = top) -> dict[str, float]:
+        return {label: round(100 * count / max(1, total), 1) for label, count in counter.most_common(most)}
 
     return {
         "samples": total,
@@ -502,6 +520,9 @@ def profile_summary(stacks: str, top: int = 12) -> dict[str, Any]:
         "by_thread_pct": shares(by_thread),
         "opentelemetry_by_entry_pct": shares(by_entry),
         "opentelemetry_by_caller_pct": shares(by_caller),
+        # the innermost tracing frame of each sample (what calls outside it, such as a socket
+        # write, cost is counted under the tracing function that made them)
+        "opentelemetry_by_function_pct": shares(by_function, 20),
     }
 
 

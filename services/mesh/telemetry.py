@@ -1,8 +1,9 @@
 """Logging and tracing set-up, done once by each service's ``main``.
 
 Library code only ever uses ``logging.getLogger(__name__)`` and the OpenTelemetry API; this
-module is where the SDK is chosen. Tracing follows the standard ``OTEL_*`` variables alone:
-without ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or its ``_TRACES_`` twin) no SDK is installed, and
+module is where what stands behind the API is chosen: the mesh's lean tracer provider
+(spans.py, exporting with otlp.py). Tracing follows the standard ``OTEL_*`` variables alone:
+without ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or its ``_TRACES_`` twin) nothing is installed, and
 every span the kernel opens is the API's non-recording one, which costs almost nothing while
 still passing a caller's W3C trace context on to the next hop.
 """
@@ -136,20 +137,22 @@ def _first(env: Mapping[str, str], *names: str) -> str | None:
     return None
 
 
-def setup_tracing(default_service_name: str) -> Callable[[], None]:
-    """Installs the OpenTelemetry SDK when the standard variables ask for an exporter, and
-    returns the function that flushes and shuts it down (call it last, after the server and
-    its resources stopped). Nothing is installed, and the returned function does nothing, when
-    ``OTEL_SDK_DISABLED=true``, ``OTEL_TRACES_EXPORTER=none``, or no OTLP endpoint is set.
+def setup_tracing(default_service_name: str, env: Mapping[str, str] | None = None) -> Callable[[], None]:
+    """Installs the mesh's lean tracer provider (spans.py) when the standard variables ask
+    for an exporter, and returns the function that flushes and shuts it down (call it last,
+    after the server and its resources stopped). Nothing is installed, and the returned
+    function does nothing, when ``OTEL_SDK_DISABLED=true``, ``OTEL_TRACES_EXPORTER=none``, or
+    no OTLP endpoint is set.
 
     ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`` picks ``http/protobuf`` (the default, as the
-    specification says) or ``grpc``; the exporters read their endpoint, headers and timeout
-    from the environment themselves. ``OTEL_SERVICE_NAME`` (or ``service.name`` in
-    ``OTEL_RESOURCE_ATTRIBUTES``) overrides ``default_service_name``. The sampler comes from
-    ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` (parent-based, always on, by default)
-    and the batch processor's limits from ``OTEL_BSP_*``, both read by the SDK.
+    specification says) or ``grpc``; endpoint, headers, timeout, compression and certificates
+    come from their standard variables (otlp.py). ``OTEL_SERVICE_NAME`` (or ``service.name``
+    in ``OTEL_RESOURCE_ATTRIBUTES``) overrides ``default_service_name``. The sampler comes
+    from ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` (parent-based, always on, by
+    default), span limits from ``OTEL_SPAN_*_LIMIT`` and the export batching from
+    ``OTEL_BSP_*``. A bad value raises ValueError naming the variable.
     """
-    env = os.environ
+    env = os.environ if env is None else env
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return _nothing
     exporter_name = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() or "otlp"
@@ -159,34 +162,21 @@ def setup_tracing(default_service_name: str) -> Callable[[], None]:
         raise ValueError(f"OTEL_TRACES_EXPORTER={exporter_name!r}: only otlp and none are supported")
     if _first(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT") is None:
         return _nothing
-    protocol = (
-        _first(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+
+    from services import version
+    from services.mesh.otlp import ExportSettings, OtlpExporter
+    from services.mesh.spans import LeanTracerProvider, QueueSettings, Sampler, SpanLimits, resource_from_env
+
+    resource = resource_from_env(env, default_service_name, version())
+    export = ExportSettings.from_env(env)
+    provider = LeanTracerProvider(
+        OtlpExporter(export, resource),
+        sampler=Sampler.from_env(env),
+        limits=SpanLimits.from_env(env),
+        queue=QueueSettings.from_env(env),
     )
-
-    # the SDK and exporters load only here, so that a service without tracing never imports them
-    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-
-    exporter: SpanExporter
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-
-        exporter = GrpcExporter()
-    elif protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-
-        exporter = HttpExporter()
-    else:
-        raise ValueError(f"OTLP protocol {protocol!r}: expected grpc or http/protobuf")
-
-    resource = Resource.create()
-    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({SERVICE_NAME: default_service_name}))
-    provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    log.info("tracing to OTLP (%s) as %s", protocol, resource.attributes.get(SERVICE_NAME))
+    log.info("tracing to OTLP (%s, %s) as %s", export.protocol, export.endpoint, resource["service.name"])
 
     done = False
 
