@@ -20,6 +20,8 @@ from typing import Any
 import grpc
 from scoremesh.gateway.v1.admin_pb2 import RateLimit as RateLimitPb
 
+from services import certs
+from services.gateway import envoy_command
 from services.gateway.admin_command import AdminClient, key_lines, usage_lines
 from services.gateway.keys import Scope
 from services.mesh.channels import open_channel
@@ -408,6 +410,8 @@ def _parser() -> argparse.ArgumentParser:
 
     training_commands.add_commands(commands, _run_training_command)
     traces_command.add_command(commands)
+    envoy_command.add_command(commands)
+    certs.add_command(commands)
 
     usage = commands.add_parser("usage", help="requests and rows scored per key and model")
     usage.add_argument("--key", help="only this key id")

@@ -117,7 +117,7 @@ async def run_up() -> int:
     if database_url is None:
         cluster = EmbeddedPostgres(mesh.home / "postgres")
         database_url = await asyncio.to_thread(cluster.start)
-    supervisor = Supervisor(stop_timeout_s=mesh.shutdown_grace_s + 5)
+    supervisor = Supervisor(stop_timeout_s=mesh.shutdown_grace_s + 5, tls=mesh.tls)
     traces = TraceExport()
     try:
         # first in, last out: the services' final spans, flushed as they stop, still land

@@ -105,7 +105,8 @@ async def run(settings: GatewaySettings) -> None:
             await admin_server.start()
             # announced before the HTTP address, which tells `scoremesh up` the gateway is up
             announce(address_file(settings.mesh.home, admin_server.name), admin_server.address)
-            async with open_channel(admin_server.address, settings.mesh) as admin:
+            # by loopback: a wildcard host is no name that a TLS certificate carries
+            async with open_channel(admin_server.local_address, settings.mesh) as admin:
                 gateway = build_gateway(
                     channels={
                         REGISTRY.full_name: registry,

@@ -15,7 +15,9 @@ Every channel opened here:
   most 4 attempts, backing off from 0.1 s to 2 s (gRPC retries only calls that can safely
   be replayed: nothing was received from the server yet);
 * gives each call without a timeout ``settings.default_deadline_s``;
-* sends the current OpenTelemetry context (``traceparent``/``tracestate``) as metadata.
+* sends the current OpenTelemetry context (``traceparent``/``tracestate``) as metadata;
+* speaks mutual TLS when ``settings.tls`` is set (``SCOREMESH_TLS_*``, see ``tls.py``), and
+  plaintext otherwise.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from opentelemetry import propagate
 
 from services.mesh.identity import INTERNAL_HEADER
 from services.mesh.settings import MeshSettings
+from services.mesh.tls import open_grpc_channel, tls_channel_options
 
 if TYPE_CHECKING:
     _UnaryUnary = grpc.aio.UnaryUnaryClientInterceptor[Any, Any]
@@ -91,6 +94,7 @@ def channel_options(settings: MeshSettings, *, retry_services: Sequence[str] = (
         ("grpc.http2.max_pings_without_data", 0),
         # also keeps gRPC's transparent retries of calls that never left the client
         ("grpc.enable_retries", 1),
+        *tls_channel_options(settings.tls),
     ]
     if retry_services:
         options.append(("grpc.service_config", service_config(retry_services)))
@@ -179,15 +183,15 @@ def client_interceptors(settings: MeshSettings) -> list[MeshClientInterceptor]:
 def open_channel(
     target: str, settings: MeshSettings, *, retry_services: Sequence[str] = ()
 ) -> grpc.aio.Channel:
-    """An insecure channel to ``target`` (``host:port``) with the mesh's limits, keepalive,
-    UNAVAILABLE retries for ``retry_services`` (full names, ``scoremesh.registry.v1.ModelRegistry``),
-    default deadline and trace propagation. Use it as ``async with`` or ``await channel.close()``."""
-    # grpc-stubs types this argument as something to cast; grpc.aio takes our interceptors
-    interceptors: list[Any] = list(client_interceptors(settings))
-    return grpc.aio.insecure_channel(
+    """A channel to ``target`` (``host:port``) with the mesh's limits, keepalive, UNAVAILABLE
+    retries for ``retry_services`` (full names, ``scoremesh.registry.v1.ModelRegistry``), default
+    deadline, trace propagation and, with ``settings.tls``, mutual TLS. Use it as ``async with``
+    or ``await channel.close()``."""
+    return open_grpc_channel(
         target,
+        settings.tls,
         options=channel_options(settings, retry_services=retry_services),
-        interceptors=interceptors,
+        interceptors=client_interceptors(settings),
     )
 
 
@@ -195,4 +199,4 @@ def open_lean_channel(target: str, settings: MeshSettings) -> grpc.aio.Channel:
     """A channel like :func:`open_channel` but without interceptors, for a hot path that sets
     a timeout on every call and sends :func:`mesh_headers` itself: grpc.aio's interceptor
     machinery costs about 50 µs of CPU per call."""
-    return grpc.aio.insecure_channel(target, options=channel_options(settings))
+    return open_grpc_channel(target, settings.tls, options=channel_options(settings))

@@ -3,6 +3,10 @@
 ``python -m services.mesh.protogen gen`` rewrites ``gen/``; ``… check`` fails when the committed
 stubs differ from what the protos generate (CI runs it). The output tree mirrors the proto
 packages, so generated imports work as they are.
+
+Beside the stubs, ``gen/scoremesh/descriptor_set.binpb`` holds every proto's descriptor with
+its imports (a ``FileDescriptorSet``): the Envoy configuration generator reads the services and
+their streaming methods from it, and Envoy's gRPC-JSON transcoder loads it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PROTOS = ROOT / "protos"
 GENERATED = ROOT / "gen"
+DESCRIPTOR_SET = Path("scoremesh") / "descriptor_set.binpb"
+"""Where the descriptor set lies under ``gen/`` (and in the installed ``scoremesh`` package)."""
 
 
 def _include_dirs() -> list[Path]:
@@ -28,7 +34,7 @@ def _include_dirs() -> list[Path]:
 def generate(out: Path) -> None:
     from grpc_tools import protoc
 
-    out.mkdir(parents=True, exist_ok=True)
+    (out / DESCRIPTOR_SET).parent.mkdir(parents=True, exist_ok=True)
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     args = [
         "grpc_tools.protoc",
@@ -36,6 +42,8 @@ def generate(out: Path) -> None:
         f"--python_out={out}",
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",
+        f"--descriptor_set_out={out / DESCRIPTOR_SET}",
+        "--include_imports",
         *sources,
     ]
     if protoc.main(args) != 0:

@@ -1,5 +1,6 @@
 """Builds and runs a mesh service's gRPC server: one interceptor, equal message limits,
-bounded concurrency, ``grpc.health.v1`` per service, reflection, and graceful shutdown.
+bounded concurrency, ``grpc.health.v1`` per service, reflection, mutual TLS when the settings
+carry it, and graceful shutdown.
 
 ``MeshServer`` is what tests start on ``127.0.0.1:0``; :func:`serve` is the production run
 loop around it, and stops in the fixed order SIGTERM → health NOT_SERVING → ``stop(grace)``
@@ -9,6 +10,7 @@ loop around it, and stops in the fixed order SIGTERM → health NOT_SERVING → 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -28,7 +30,8 @@ from opentelemetry import trace
 from services.mesh.channels import KEEPALIVE_TIME_MS
 from services.mesh.interceptors import MeshServerInterceptor
 from services.mesh.metrics import MetricsServer, serve_metrics
-from services.mesh.settings import MeshSettings
+from services.mesh.settings import MeshSettings, TlsSettings
+from services.mesh.tls import add_port
 
 __all__ = [
     "HEALTH_SERVICE",
@@ -37,6 +40,7 @@ __all__ = [
     "Registration",
     "address_file",
     "announce",
+    "health_only_server",
     "serve",
 ]
 
@@ -64,6 +68,24 @@ def address_file(home: Path, name: str) -> Path:
     """Where the service ``name`` announces the ``host:port`` it bound
     (``$SCOREMESH_HOME/run/<name>.addr``), so that it may listen on port 0."""
     return home / "run" / f"{name}.addr"
+
+
+def health_only_server(name: str, settings: MeshSettings, host: str) -> MeshServer | None:
+    """For a process with no gRPC service of its own (the training worker): a server that
+    answers ``grpc.health.v1`` (and reflection) in plaintext on ``settings.health_port``, as
+    the services' health ports do, so that probes reach it; None without a health port."""
+    if settings.health_port is None:
+        return None
+    plain = dataclasses.replace(settings, tls=None, health_port=None)
+    return MeshServer(name, [], plain, host=host, port=settings.health_port)
+
+
+def local_host(host: str) -> str:
+    """The host a client on this machine dials for a server bound to ``host``."""
+    return _WILDCARD_HOSTS.get(host, host)
+
+
+_WILDCARD_HOSTS: Final = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
 def _format_address(host: str, port: int) -> str:
@@ -102,7 +124,9 @@ class MeshServer:
         # out of rotation until it is warm
         self._serving: dict[str, bool] = {"": True, **{r.service_name: True for r in self._registrations}}
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._bound_port: int | None = None
+        self._health_port: int | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
 
@@ -122,9 +146,22 @@ class MeshServer:
         return self._bound_port
 
     @property
+    def health_port(self) -> int | None:
+        """The bound port of the plaintext health-only server (``settings.health_port``), or
+        None without one; only after start()."""
+        return self._health_port
+
+    @property
     def address(self) -> str:
         """``host:port`` as bound (``[::1]:port`` for IPv6); only after start()."""
         return _format_address(self._host, self.port)
+
+    @property
+    def local_address(self) -> str:
+        """Where a client on this host reaches the server: :attr:`address`, with a wildcard
+        host (``0.0.0.0``, ``::``) replaced by loopback, a name that TLS certificates carry
+        (``scoremesh certs create`` puts 127.0.0.1 in every one)."""
+        return _format_address(local_host(self._host), self.port)
 
     def _options(self) -> list[tuple[str, Any]]:
         limit = self.settings.max_message_bytes
@@ -161,19 +198,42 @@ class MeshServer:
         reflection.enable_server_reflection(
             [*(r.service_name for r in self._registrations), HEALTH_SERVICE, REFLECTION_SERVICE], server
         )
-        bind = _format_address(self._host, self._port)
-        try:
-            port = server.add_insecure_port(bind)
-        except RuntimeError as error:
-            raise OSError(f"{self.name} cannot listen on {bind}: {error}") from error
-        if port == 0:  # older grpcio reported a failed bind this way
-            raise OSError(f"{self.name} cannot listen on {bind}")
+        port = self._bind(server, self._port, self.settings.tls)
         await server.start()
+        if self.settings.health_port is not None:
+            try:
+                await self._start_health_server(self.settings.health_port)
+            except BaseException:
+                await server.stop(0)
+                raise
         self._server = server
         self._bound_port = port
         self._started.set()
         log.info("%s listening on %s", self.name, self.address)
         return port
+
+    def _bind(self, server: grpc.aio.Server, port: int, tls: TlsSettings | None) -> int:
+        bind = _format_address(self._host, port)
+        try:
+            bound = add_port(server, bind, tls)
+        except RuntimeError as error:
+            raise OSError(f"{self.name} cannot listen on {bind}: {error}") from error
+        if bound == 0:  # older grpcio reported a failed bind this way
+            raise OSError(f"{self.name} cannot listen on {bind}")
+        return bound
+
+    async def _start_health_server(self, port: int) -> None:
+        # Probes such as kubelet's cannot present a client certificate: this port answers
+        # grpc.health.v1 alone, in plaintext, from the same servicer (so it turns NOT_SERVING
+        # with the server), and serves nothing else.
+        server = grpc.aio.server(
+            options=self._options(), maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self._health_port = self._bind(server, port, None)
+        await server.start()
+        self._health_server = server
+        log.info("%s answers health checks in plaintext on port %s", self.name, self._health_port)
 
     async def wait_started(self) -> str:
         """Waits until start() has bound and started the server (for whoever runs it under
@@ -204,6 +264,8 @@ class MeshServer:
         log.info("%s stopping (grace %.1f s)", self.name, grace)
         await self._health.enter_graceful_shutdown()
         await server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         log.info("%s stopped", self.name)
 
 

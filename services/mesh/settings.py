@@ -13,8 +13,12 @@ import math
 import os
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = [
     "ENVIRONMENT",
@@ -23,6 +27,7 @@ __all__ = [
     "EnvVar",
     "MeshSettings",
     "SettingsError",
+    "TlsSettings",
     "env_bool",
     "env_bytes",
     "env_float",
@@ -34,6 +39,7 @@ __all__ = [
 
 # gRPC stores message limits in a C int: anything larger is rejected when a channel opens.
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024**2
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "text")
@@ -78,7 +84,30 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
         "0",
         "the Prometheus /metrics port (0: the OS picks; announced in run/<service>-metrics.addr)",
     ),
+    EnvVar(
+        "SCOREMESH_HEALTH_PORT",
+        "",
+        "a second port serving only grpc.health.v1, in plaintext, for probes that cannot speak TLS",
+    ),
+    EnvVar(
+        "SCOREMESH_TLS_CERT_FILE",
+        "",
+        "PEM certificate this process presents as server and client; with key and CA: mutual TLS",
+    ),
+    EnvVar("SCOREMESH_TLS_KEY_FILE", "", "PEM private key of that certificate"),
+    EnvVar(
+        "SCOREMESH_TLS_CA_FILE",
+        "",
+        "PEM CA certificate(s) that peers' certificates must be signed by, both ways",
+    ),
+    EnvVar(
+        "SCOREMESH_TLS_SERVER_NAME",
+        "",
+        "the name checked against servers' certificates instead of the host dialled (with TLS only)",
+    ),
 )
+
+TLS_FILE_VARIABLES = ("SCOREMESH_TLS_CERT_FILE", "SCOREMESH_TLS_KEY_FILE", "SCOREMESH_TLS_CA_FILE")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -223,6 +252,30 @@ def env_path(env: Mapping[str, str], name: str, default: Path) -> Path:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """Mutual TLS inside the mesh, from ``SCOREMESH_TLS_*``: the files as read at start-up.
+
+    Every mesh gRPC server then presents ``certificate_chain`` and accepts only clients whose
+    certificate ``root_certificates`` signed; every mesh channel presents the same certificate
+    and checks the server's against the same CA (and its name against the host dialled, or
+    ``server_name``). ``services.mesh.tls`` turns this into gRPC credentials. The files are read
+    once: a renewed certificate takes effect when the process restarts."""
+
+    cert_file: Path
+    """SCOREMESH_TLS_CERT_FILE: the PEM certificate, leaf first, then any intermediates."""
+    key_file: Path
+    """SCOREMESH_TLS_KEY_FILE: its PEM private key (unencrypted)."""
+    ca_file: Path
+    """SCOREMESH_TLS_CA_FILE: the PEM CA certificate(s) peers must chain to."""
+    certificate_chain: bytes = field(repr=False)
+    private_key: bytes = field(repr=False)
+    root_certificates: bytes = field(repr=False)
+    server_name: str | None = None
+    """SCOREMESH_TLS_SERVER_NAME: the name a server's certificate must carry, instead of the
+    host of the address dialled (for a certificate that does not name that address)."""
+
+
+@dataclass(frozen=True)
 class MeshSettings:
     """What every service's kernel needs, read once by :meth:`from_env`."""
 
@@ -256,6 +309,14 @@ class MeshSettings:
     (``x-scoremesh-internal``). When set, services refuse calls without it
     (UNAUTHENTICATED), health and reflection excepted; unset, nothing is checked.
     ``scoremesh up`` creates one."""
+    tls: TlsSettings | None = None
+    """SCOREMESH_TLS_CERT_FILE, SCOREMESH_TLS_KEY_FILE and SCOREMESH_TLS_CA_FILE, all three or
+    none: mutual TLS on every gRPC server and channel of the mesh (see :class:`TlsSettings`);
+    None (the default): plaintext. A partial set is an error."""
+    health_port: int | None = None
+    """SCOREMESH_HEALTH_PORT: when set, the server also answers ``grpc.health.v1`` (and nothing
+    else) in plaintext on this port of the same host, for probes that cannot present a client
+    certificate, such as kubelet's gRPC probes (0: the OS picks). Unset (the default): none."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> MeshSettings:
@@ -266,7 +327,11 @@ class MeshSettings:
         return cls(
             home=home,
             max_message_bytes=env_bytes(
-                env, "SCOREMESH_MAX_MESSAGE_BYTES", 64 * 1024**2, minimum=1024, maximum=MAX_GRPC_MESSAGE_BYTES
+                env,
+                "SCOREMESH_MAX_MESSAGE_BYTES",
+                DEFAULT_MAX_MESSAGE_BYTES,
+                minimum=1024,
+                maximum=MAX_GRPC_MESSAGE_BYTES,
             ),
             shutdown_grace_s=env_float(env, "SCOREMESH_SHUTDOWN_GRACE_S", 10.0, minimum=0.0),
             default_deadline_s=env_float(env, "SCOREMESH_DEFAULT_DEADLINE_S", 30.0, minimum=0.001),
@@ -275,6 +340,8 @@ class MeshSettings:
             log_format=env_str(env, "SCOREMESH_LOG_FORMAT", "json", choices=LOG_FORMATS),
             metrics_port=env_int(env, "SCOREMESH_METRICS_PORT", 0, minimum=0, maximum=65535),
             internal_token=_internal_token(env, home),
+            tls=_tls(env),
+            health_port=_health_port(env),
         )
 
 
@@ -291,6 +358,80 @@ def _internal_token(env: Mapping[str, str], home: Path) -> str | None:
         return None
     except OSError as error:
         raise SettingsError(f"cannot read {home / INTERNAL_TOKEN_FILE}: {error.strerror}") from None
+
+
+def _health_port(env: Mapping[str, str]) -> int | None:
+    if _raw(env, "SCOREMESH_HEALTH_PORT") is None:
+        return None
+    return env_int(env, "SCOREMESH_HEALTH_PORT", 0, minimum=0, maximum=65535)
+
+
+def _tls(env: Mapping[str, str]) -> TlsSettings | None:
+    paths = {name: _raw(env, name) for name in TLS_FILE_VARIABLES}
+    server_name = env_str(env, "SCOREMESH_TLS_SERVER_NAME", "") or None
+    missing = [name for name, path in paths.items() if path is None]
+    if len(missing) == len(paths):
+        if server_name:
+            raise SettingsError("SCOREMESH_TLS_SERVER_NAME is set but TLS is not: set " + _all_three())
+        return None
+    if missing:
+        raise SettingsError(f"{' and '.join(missing)} not set: mutual TLS needs {_all_three()}")
+    cert_file, key_file, ca_file = (env_path(env, name, Path()) for name in TLS_FILE_VARIABLES)
+    cert_pem, key_pem, ca_pem = (
+        _read_file(name, path)
+        for name, path in zip(TLS_FILE_VARIABLES, (cert_file, key_file, ca_file), strict=True)
+    )
+    leaf = _certificates("SCOREMESH_TLS_CERT_FILE", cert_file, cert_pem)[0]
+    _check_key_of(leaf, cert_file, key_file, key_pem)
+    _certificates("SCOREMESH_TLS_CA_FILE", ca_file, ca_pem)
+    return TlsSettings(cert_file, key_file, ca_file, cert_pem, key_pem, ca_pem, server_name)
+
+
+def _all_three() -> str:
+    return ", ".join(TLS_FILE_VARIABLES[:-1]) + " and " + TLS_FILE_VARIABLES[-1]
+
+
+def _read_file(name: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise SettingsError(f"{name}={str(path)!r}: cannot read it: {error.strerror}") from None
+
+
+# gRPC says no more than "handshake failed" about an unusable file, and only at the first call:
+# the files are checked here, so that a bad one stops the service at start-up, named
+
+
+def _certificates(name: str, path: Path, pem: bytes) -> list[x509.Certificate]:
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise SettingsError(f"{name}={str(path)!r}: not a PEM certificate") from None
+
+
+def _check_key_of(leaf: x509.Certificate, cert_file: Path, key_file: Path, key_pem: bytes) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise SettingsError(
+            f"SCOREMESH_TLS_KEY_FILE={str(key_file)!r}: not an unencrypted PEM private key"
+        ) from None
+
+    def der(public_key: Any) -> bytes:
+        encoded: bytes = public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return encoded
+
+    if der(key.public_key()) != der(leaf.public_key()):
+        raise SettingsError(
+            f"SCOREMESH_TLS_KEY_FILE={str(key_file)!r} is not the key of the certificate in"
+            f" SCOREMESH_TLS_CERT_FILE={str(cert_file)!r}"
+        )
 
 
 def _log_level(env: Mapping[str, str]) -> str:

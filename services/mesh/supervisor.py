@@ -17,6 +17,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.mesh.children import child_env, dying_with_parent
+from services.mesh.settings import TlsSettings
+from services.mesh.tls import open_grpc_channel
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,12 @@ class ProcessSpec:
 
 
 class Supervisor:
-    def __init__(self, *, stop_timeout_s: float = 15.0) -> None:
+    """``tls``: the mesh's TLS settings, which the children's servers use too, so that the
+    health checks can reach them."""
+
+    def __init__(self, *, stop_timeout_s: float = 15.0, tls: TlsSettings | None = None) -> None:
         self._stop_timeout_s = stop_timeout_s
+        self._tls = tls
         self._processes: dict[str, asyncio.subprocess.Process] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
@@ -92,7 +98,7 @@ class Supervisor:
         address = spec.address_file.read_text().strip()
         if spec.http_health_path is not None:
             return await _wait_http_healthy(spec, address, deadline, timeout_s)
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with open_grpc_channel(address, self._tls) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 remaining = deadline - time.monotonic()

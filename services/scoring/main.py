@@ -94,6 +94,9 @@ async def _build(
     breaker: CircuitBreaker | None = None
     if settings.backend == "triton":
         gpu = gpu_available() if settings.gpu is None else settings.gpu
+        # a remote Triton is part of the mesh and speaks its TLS; the local one listens on
+        # loopback only, as this service's child
+        tls = settings.mesh.tls if settings.triton_url else None
         if settings.triton_url:
             url = settings.triton_url
             headers = (
@@ -114,7 +117,12 @@ async def _build(
             else TritonBackendKind(settings.triton_model_backend)
         )
         triton = TritonBackend(
-            url, max_message_bytes=settings.mesh.max_message_bytes, admin_headers=headers, gpu=gpu, kind=kind
+            url,
+            max_message_bytes=settings.mesh.max_message_bytes,
+            admin_headers=headers,
+            gpu=gpu,
+            kind=kind,
+            tls=tls,
         )
         closers.append(triton.close)
         if local_triton is not None:

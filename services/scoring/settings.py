@@ -31,7 +31,9 @@ class ScoringSettings:
     """SCOREMESH_SCORING_BACKEND: ``triton`` (default) or ``onnxruntime`` (in-process only)."""
     triton_url: str | None
     """SCOREMESH_TRITON_URL: a remote Triton's gRPC ``host:port``; unset: the service starts and
-    supervises a local ``tritonserver`` on 127.0.0.1 (from the nvidia-pytriton wheel)."""
+    supervises a local ``tritonserver`` on 127.0.0.1 (from the nvidia-pytriton wheel). With
+    ``SCOREMESH_TLS_*`` set, the channel to a remote Triton is mutual TLS with the mesh's
+    certificate and CA; the local one stays plaintext on loopback."""
     triton_repository_secret: str | None
     """SCOREMESH_TRITON_REPOSITORY_SECRET: for a remote Triton started with
     ``--grpc-restricted-protocol=model-repository:<key>=<secret>``, that secret. A local

@@ -29,6 +29,8 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from services.mesh.errors import DeadlineExceeded, InvalidArgument, MeshError, NotFound, Unavailable
+from services.mesh.settings import TlsSettings
+from services.mesh.tls import channel_credentials, tls_channel_options
 from services.registry.domain import TensorSpec
 from services.scoring import tensors, triton_config
 from services.scoring.backend import Array, LoadedVersion
@@ -65,7 +67,8 @@ class TritonBackend:
     channel to Triton. ``admin_headers`` unlock Triton's model-repository API
     (``LocalTriton.admin_headers``). ``gpu`` asks for ``KIND_GPU`` instances. ``kind`` None
     uses Triton's onnxruntime backend when the server has one and the python backend (which
-    runs onnxruntime in a stub process) otherwise."""
+    runs onnxruntime in a stub process) otherwise. ``tls`` makes the channel mutual TLS with
+    the mesh's certificate (a remote Triton started with ``--grpc-use-ssl-mutual``)."""
 
     name = "triton"
 
@@ -80,8 +83,10 @@ class TritonBackend:
         instance_count: int = 1,
         queue_delay_us: int = triton_config.DEFAULT_QUEUE_DELAY_US,
         load_timeout_s: float = LOAD_TIMEOUT_S,
+        tls: TlsSettings | None = None,
     ) -> None:
         self._url = url
+        self._tls = tls
         self._max_message_bytes = max_message_bytes
         self._admin_headers = dict(admin_headers or {})
         self._gpu = gpu
@@ -114,10 +119,12 @@ class TritonBackend:
     def _connect(self, url: str) -> triton_grpc.InferenceServerClient:
         return triton_grpc.InferenceServerClient(
             url,
+            creds=channel_credentials(self._tls) if self._tls is not None else None,
             channel_args=[
                 ("grpc.max_send_message_length", self._max_message_bytes),
                 ("grpc.max_receive_message_length", self._max_message_bytes),
                 *_RECONNECT_ARGS,
+                *tls_channel_options(self._tls),
             ],
         )
 

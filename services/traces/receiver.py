@@ -181,8 +181,11 @@ class OtlpReceiver:
         self._grpc = MeshServer(
             "otlp-receiver",
             [Registration(TRACE_SERVICE, _add_trace_service, TraceServiceServicer(intake))],
-            # exporters carry no mesh token, and the receiver must not trace its own calls
-            dataclasses.replace(mesh, internal_token=None, max_message_bytes=MAX_REQUEST_BYTES),
+            # exporters carry no mesh token nor certificate (the receiver listens on loopback
+            # only), and the receiver must not trace its own calls
+            dataclasses.replace(
+                mesh, internal_token=None, tls=None, health_port=None, max_message_bytes=MAX_REQUEST_BYTES
+            ),
             host=HOST,
             port=settings.grpc_port,
             tracer_provider=trace.NoOpTracerProvider(),

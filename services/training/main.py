@@ -19,7 +19,7 @@ from services.mesh.channels import open_channel
 from services.mesh.metrics import serve_metrics
 from services.mesh.notify import EventListener
 from services.mesh.postgres import database
-from services.mesh.server import MeshServer, Registration, address_file, announce, serve
+from services.mesh.server import MeshServer, Registration, address_file, announce, health_only_server, serve
 from services.mesh.telemetry import configure_logging, setup_tracing
 from services.training import datasets_io
 from services.training.datasets import DatasetStore
@@ -151,11 +151,20 @@ async def run_worker(settings: TrainingSettings) -> None:
         built_worker(settings, database_url) as worker,
     ):
         exporter = serve_metrics(settings.host, settings.mesh.metrics_port)
-        announced = announce(address_file(settings.mesh.home, "training-worker-metrics"), exporter.address)
+        announced = [announce(address_file(settings.mesh.home, "training-worker-metrics"), exporter.address)]
+        health = health_only_server("training-worker", settings.mesh, settings.host)
         try:
+            if health is not None:
+                await health.start()
+                announced.append(
+                    announce(address_file(settings.mesh.home, "training-worker-health"), health.address)
+                )
             await worker.run(stop)
         finally:
-            announced.unlink(missing_ok=True)
+            if health is not None:
+                await health.stop(0)  # NOT_SERVING first, then closed: the worker is going
+            for path in announced:
+                path.unlink(missing_ok=True)
             exporter.close()
 
 

@@ -14,9 +14,11 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from scoremesh.registry.v1 import registry_pb2 as registry_pb
 from scoremesh.training.v1 import training_pb2 as pb
 
+from services.mesh.server import address_file
 from services.mesh.status import from_rpc_error
 from services.registry.client import RegistryClient
 from services.training.main import dataset_store
@@ -377,3 +379,28 @@ async def test_a_retry_after_registration_returns_the_version_already_registered
         done = await wait_for_state(client, job.id, *FINISHED, timeout_s=60)
     assert (done.state, done.version, done.attempts) == (pb.SUCCEEDED, 1, 2)
     assert await _versions(mesh, "exactly-once") == [1]
+
+
+async def test_a_worker_answers_health_checks_on_its_health_port(mesh: Mesh) -> None:
+    # kubelet probes the worker there: it has no gRPC service of its own
+    home = Path(mesh.env["SCOREMESH_HOME"])
+    announced = address_file(home, "training-worker-health")
+    async with worker_process(mesh.env, SCOREMESH_HEALTH_PORT="0") as worker:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while not announced.exists():
+            assert worker.returncode is None, "the worker exited"
+            assert loop.time() < deadline, "the worker did not announce its health port"
+            await asyncio.sleep(0.02)
+        async with grpc.aio.insecure_channel(announced.read_text().strip()) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            # it serves health alone
+            stub = channel.unary_unary("/scoremesh.training.v1.Training/ListJobs", None, None)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub(b"", timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(worker.wait(), 30) == 0
+    assert not announced.exists()
