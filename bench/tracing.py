@@ -58,6 +58,11 @@ from typing import Any, Final
 
 import aiohttp
 import grpc.aio
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (
@@ -91,6 +96,9 @@ SERVICE_NAME: Final = otel_service_name("scoring")
 """``OTEL_SERVICE_NAME`` of the scoring process, as ``scoremesh up`` names it."""
 RECEIVER: Final = "otlp-receiver"
 """The receiver child's name in its address file."""
+DISCARDED_FILE: Final = "discarded-spans.json"
+"""What the discarding collector saw, written as it exits."""
+COLLECTORS: Final = ("store", "discard")
 RECEIVER_MAX_SPANS: Final = 10_000_000
 """Far above what one run exports, so that the store never prunes while it is counted."""
 RECEIVER_LIFETIME_S: Final = 3600.0
@@ -183,9 +191,14 @@ class Run:
 # the OTLP receiver, in a process of its own
 
 
-async def serve_receiver(directory: Path) -> None:
-    """The receiver child: stores into ``directory`` until SIGTERM (or RECEIVER_LIFETIME_S),
-    then commits what it received and exits."""
+async def serve_receiver(directory: Path, collector: str) -> None:
+    """The receiver child until SIGTERM (or RECEIVER_LIFETIME_S): ``store``, the mesh's
+    receiver storing into ``directory`` (it commits what it received as it exits);
+    ``discard``, an OTLP/HTTP endpoint that parses each export, keeps only each span's name,
+    start and whether it is a root, and writes those to ``directory`` as it exits."""
+    if collector == "discard":
+        await _serve_discarding(directory)
+        return
     settings = TracesSettings(
         directory=directory,
         max_spans=RECEIVER_MAX_SPANS,
@@ -204,11 +217,44 @@ async def serve_receiver(directory: Path) -> None:
             await asyncio.wait_for(stop.wait(), RECEIVER_LIFETIME_S)
 
 
+async def _serve_discarding(directory: Path) -> None:
+    seen: list[tuple[str, int, bool]] = []
+    answer = ExportTraceServiceResponse().SerializeToString()
+
+    async def export(request: web.Request) -> web.Response:
+        parsed = ExportTraceServiceRequest.FromString(await request.read())
+        for resource_spans in parsed.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                seen.extend(
+                    (span.name, span.start_time_unix_nano, not span.parent_span_id)
+                    for span in scope_spans.spans
+                )
+        return web.Response(body=answer, content_type="application/x-protobuf")
+
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_post(TRACES_PATH, export)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        announce(address_file(directory, RECEIVER), f"{host}:{port}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), RECEIVER_LIFETIME_S)
+    finally:
+        await runner.cleanup()
+        (directory / DISCARDED_FILE).write_text(json.dumps(seen))
+
+
 @contextlib.asynccontextmanager
-async def receiver_process(directory: Path) -> AsyncIterator[Service]:
+async def receiver_process(directory: Path, collector: str) -> AsyncIterator[Service]:
     """The OTLP receiver as a child process, until it announces its OTLP/HTTP address."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.tracing", "--receiver", str(directory)
+        sys.executable, "-m", "bench.tracing", "--receiver", str(directory), "--collector", collector
     )
     try:
         address = await wait_for_file(address_file(directory, RECEIVER), process)
@@ -220,7 +266,16 @@ async def receiver_process(directory: Path) -> AsyncIterator[Service]:
 def stored_spans(directory: Path, window_ns: tuple[int, int]) -> tuple[dict[str, int], dict[str, int]]:
     """Spans of the scoring process that started in ``window_ns``, by name, all and roots
     only, read from the store's ``spans`` table (services.traces.store) after the receiver
-    closed it."""
+    closed it, or from what the discarding collector kept."""
+    discarded = directory / DISCARDED_FILE
+    if discarded.exists():
+        counts: collections.Counter[str] = collections.Counter()
+        roots: collections.Counter[str] = collections.Counter()
+        for name, start_ns, is_root in json.loads(discarded.read_text()):
+            if window_ns[0] <= start_ns < window_ns[1]:
+                counts[name] += 1
+                roots[name] += is_root
+        return dict(sorted(counts.items())), {name: n for name, n in sorted(roots.items()) if n}
     connection = sqlite3.connect(f"file:{directory / STORE_FILE}?mode=ro", uri=True)
     try:
         rows = connection.execute(
@@ -326,7 +381,13 @@ async def drive(
 
 
 async def bench_run(
-    mesh: Mesh, round_: int, setting: Setting, limits: Limits, *, profile_s: float = 0.0
+    mesh: Mesh,
+    round_: int,
+    setting: Setting,
+    limits: Limits,
+    *,
+    collector: str = "store",
+    profile_s: float = 0.0,
 ) -> tuple[Run, str]:
     """One scoring process (and, when tracing, one receiver with a fresh store) for one run;
     returns what it measured and, with ``profile_s``, py-spy's collapsed stacks."""
@@ -338,7 +399,7 @@ async def bench_run(
     async with contextlib.AsyncExitStack() as stack:
         receiver: Service | None = None
         if setting.sampler is not None:
-            receiver = await stack.enter_async_context(receiver_process(traces_dir))
+            receiver = await stack.enter_async_context(receiver_process(traces_dir, collector))
         env = {
             "SCOREMESH_INTERNAL_TOKEN": mesh.token,
             **scoring_env(mesh.database_url, mesh.registry.address, BACKEND, MAX_BATCH_SIZE),
@@ -639,11 +700,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             print(HEADER, flush=True)
             for round_ in range(1, args.rounds + 1):
                 for setting in round_order(round_, settings):
-                    run, _ = await bench_run(mesh, round_, setting, limits)
+                    run, _ = await bench_run(mesh, round_, setting, limits, collector=args.collector)
                     print(format_row(run), flush=True)
                     runs.append(run)
             if args.profile_s:
-                run, stacks = await bench_run(mesh, 0, BY_KEY["100%"], limits, profile_s=args.profile_s)
+                run, stacks = await bench_run(
+                    mesh, 0, BY_KEY["100%"], limits, collector=args.collector, profile_s=args.profile_s
+                )
                 print(format_row(run), "(under py-spy, not counted)", flush=True)
                 profile = {"run": asdict(run), **profile_summary(stacks)}
                 print(json.dumps(profile, indent=2, ensure_ascii=False))
@@ -657,10 +720,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "concurrency": CONCURRENCY,
         "settings": {setting.key: setting.description for setting in settings},
         "model": MODEL.description,
+        "collector": args.collector,
         "notes": f"scoring backend {BACKEND} in-process (no Triton); prediction log, response cache and "
         "canaries off; client without traceparent, grpc.aio in the bench process; spans over OTLP/HTTP to "
-        "the local receiver (services.traces) in its own process, SQLite store; BSP defaults; "
-        "CPU in µs per request",
+        + (
+            "the local receiver (services.traces) in its own process, SQLite store"
+            if args.collector == "store"
+            else "a collector in its own process that parses and discards them"
+        )
+        + "; BSP defaults; CPU in µs per request",
         "runs": [asdict(run) for run in runs],
         "goals": summary,
         "profile": profile,
@@ -687,9 +755,17 @@ def main() -> None:
     )
     # what the bench starts for each traced run: the OTLP receiver, storing into a directory
     parser.add_argument("--receiver", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--collector",
+        choices=COLLECTORS,
+        default="store",
+        help="where spans go: the mesh's receiver storing them (store, the default, as under "
+        "scoremesh up), or an endpoint that parses and discards them (discard: what tracing costs "
+        "the service with the collector's work off this machine)",
+    )
     args = parser.parse_args()
     if args.receiver is not None:
-        asyncio.run(serve_receiver(args.receiver))
+        asyncio.run(serve_receiver(args.receiver, args.collector))
         return
     results = asyncio.run(main_async(args))
     RESULTS.parent.mkdir(exist_ok=True)

@@ -109,8 +109,12 @@ status_message, attributes, events, links
 """
 
 
+# one encoder: json.dumps with options builds a new one per call
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _dump(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODE(value)
 
 
 def _model_of(span: SpanRecord) -> str | None:
