@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.gateway
 	$(BIN)/python -m bench.training
 	$(BIN)/python -m bench.tracing
+	$(BIN)/python -m bench.spans
 
 clean:
 	rm -rf $(VENV)

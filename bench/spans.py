@@ -11,6 +11,11 @@ batched as the services batch them and encoded to OTLP protobuf (the SDK's encod
 otlp.py's) by the export thread; nothing is sent, so the numbers leave out the transport
 (about 1 µs of CPU per span with otlp.py's HTTP transport) and the collector.
 
+Each tracer is measured twice: with a caller's ``traceparent`` that says "sampled" (every
+span recorded and exported) and one that says "not sampled" (the API calls alone, what the
+other 90% of requests cost at 10% sampling; slightly more than the service's, which skips
+the queue-wait span of an unsampled request).
+
 CPU is the process's (``time.process_time``: both the caller's thread and the export
 thread), per request and per span, with every span exported before the clock stops.
 
@@ -54,7 +59,11 @@ VERSION_ATTRIBUTES: Final[dict[str, AttributeValue]] = {
 }
 # large enough that neither tracer drops a span of a measurement
 QUEUE_SIZE: Final = 1 << 20
-TRACEPARENT = "00-{trace:032x}-00f067aa0ba902b7-01"
+TRACEPARENT = "00-{trace:032x}-00f067aa0ba902b7-{flags}"
+KINDS = ("sdk", "lean", "sdk unsampled", "lean unsampled")
+"""The tracer, and whether the caller's traceparent says "sampled" (every span recorded and
+exported) or "not sampled" (what 90% of requests cost at 10% sampling: the same API calls,
+nothing recorded)."""
 
 
 class SdkEncoding(SpanExporter):
@@ -100,7 +109,9 @@ def lean_provider() -> tuple[trace.TracerProvider, Callable[[], int]]:
     return provider, lambda: exporter.spans
 
 
-def run_requests(provider: trace.TracerProvider, requests: int, rows_per_batch: int) -> None:
+def run_requests(
+    provider: trace.TracerProvider, requests: int, rows_per_batch: int, *, sampled: bool = True
+) -> None:
     """``requests`` traced requests' spans, made as the scoring service makes them."""
     server_tracer = provider.get_tracer("services.mesh.interceptors")
     batch_tracer = provider.get_tracer("services.scoring.batcher")
@@ -109,7 +120,8 @@ def run_requests(provider: trace.TracerProvider, requests: int, rows_per_batch: 
     enqueued: list[int] = []
     for number in range(requests):
         # the interceptor: the caller's context, the server span made current
-        parent = propagate.extract({"traceparent": TRACEPARENT.format(trace=number + 1)})
+        traceparent = TRACEPARENT.format(trace=number + 1, flags="01" if sampled else "00")
+        parent = propagate.extract({"traceparent": traceparent})
         span = server_tracer.start_span(
             "/inference.GRPCInferenceService/ModelInfer", parent, SpanKind.SERVER, SERVER_ATTRIBUTES
         )
@@ -147,23 +159,24 @@ def run_requests(provider: trace.TracerProvider, requests: int, rows_per_batch: 
 
 
 def measure(kind: str, requests: int, rows_per_batch: int) -> dict[str, Any]:
-    provider, exported = sdk_provider() if kind == "sdk" else lean_provider()
-    run_requests(provider, 200, rows_per_batch)  # warm-up: caches, first tracers
+    provider, exported = sdk_provider() if kind.startswith("sdk") else lean_provider()
+    sampled = not kind.endswith("unsampled")
+    run_requests(provider, 200, rows_per_batch, sampled=sampled)  # warm-up: caches, first tracers
     provider.force_flush()  # type: ignore[attr-defined]
     before = exported()
     cpu = time.process_time()
-    run_requests(provider, requests, rows_per_batch)
+    run_requests(provider, requests, rows_per_batch, sampled=sampled)
     provider.force_flush()  # type: ignore[attr-defined]
     cpu = time.process_time() - cpu
     spans = exported() - before
-    expected = requests * 2 + requests // rows_per_batch * 2
+    expected = requests * 2 + requests // rows_per_batch * 2 if sampled else 0
     assert spans == expected, f"{kind} exported {spans} spans of {expected}"
     provider.shutdown()  # type: ignore[attr-defined]
     return {
         "requests": requests,
         "spans": spans,
         "cpu_us_per_request": round(cpu / requests * 1e6, 1),
-        "cpu_us_per_span": round(cpu / spans * 1e6, 2),
+        "cpu_us_per_span": round(cpu / spans * 1e6, 2) if spans else None,
     }
 
 
@@ -173,24 +186,32 @@ def main() -> None:
     parser.add_argument("--rows-per-batch", type=int, default=2, help="requests per batch span")
     parser.add_argument("--repeats", type=int, default=5, help="measurements of each tracer, alternating")
     args = parser.parse_args()
-    runs: dict[str, list[dict[str, Any]]] = {"sdk": [], "lean": []}
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
     for repeat in range(args.repeats):
-        for kind in ("sdk", "lean") if repeat % 2 == 0 else ("lean", "sdk"):
+        for kind in KINDS if repeat % 2 == 0 else reversed(KINDS):
             result = measure(kind, args.requests, args.rows_per_batch)
             runs[kind].append(result)
-            print(f"{repeat + 1} {kind:<4} {result}", flush=True)
+            print(f"{repeat + 1} {kind:<14} {result}", flush=True)
     summary = {
         kind: {
             "cpu_us_per_request": statistics.median(r["cpu_us_per_request"] for r in results),
-            "cpu_us_per_span": statistics.median(r["cpu_us_per_span"] for r in results),
+            "cpu_us_per_span": (
+                statistics.median(r["cpu_us_per_span"] for r in results) if results[0]["spans"] else None
+            ),
             "spans_per_request": round(results[0]["spans"] / results[0]["requests"], 2),
         }
         for kind, results in runs.items()
     }
-    summary["lean_over_sdk"] = {
-        "cpu_per_request": round(
-            summary["lean"]["cpu_us_per_request"] / summary["sdk"]["cpu_us_per_request"], 3
+    lean, sdk = summary["lean"]["cpu_us_per_request"], summary["sdk"]["cpu_us_per_request"]
+    summary["lean_over_sdk"] = {"cpu_per_request": round(lean / sdk, 3)}
+    # at 10% sampling: a tenth of requests traced, the rest carrying the decision only
+    summary["at_10pct_us_per_request"] = {
+        tracer: round(
+            0.1 * summary[tracer]["cpu_us_per_request"]
+            + 0.9 * summary[f"{tracer} unsampled"]["cpu_us_per_request"],
+            1,
         )
+        for tracer in ("sdk", "lean")
     }
     print(json.dumps(summary, indent=2))
     results = {

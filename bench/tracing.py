@@ -31,7 +31,8 @@ Run with ``make bench`` (or ``.venv/bin/python -m bench.tracing``). A private Po
 ``SCOREMESH_DATABASE_URL``) backs the registry; every server binds 127.0.0.1 on a port the OS
 picks and announces it in a file; every loop is bounded in count and time; every process
 started here is ended by its pid. Results are printed and written to
-``bench/results/tracing.json``; bench/README.md records them.
+``bench/results/tracing.json`` (``tracing-discard.json`` with ``--collector discard``);
+bench/README.md records them.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ from services.traces.local import otel_service_name
 from services.traces.receiver import TRACES_PATH, OtlpReceiver
 from services.traces.settings import STORE_FILE, TracesSettings
 
-RESULTS: Final = Path(__file__).parent / "results" / "tracing.json"
+RESULTS: Final = Path(__file__).parent / "results"
+"""tracing.json (spans stored by the mesh's receiver), tracing-discard.json (--collector discard)."""
 BACKEND: Final = "onnxruntime"
 MAX_BATCH_SIZE: Final = 64
 CONCURRENCY: Final = 64
@@ -768,9 +770,10 @@ def main() -> None:
         asyncio.run(serve_receiver(args.receiver, args.collector))
         return
     results = asyncio.run(main_async(args))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    print(f"wrote {RESULTS}")
+    path = RESULTS / ("tracing.json" if args.collector == "store" else f"tracing-{args.collector}.json")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
