@@ -34,6 +34,7 @@ import grpc
 from opentelemetry.trace import SpanContext, SpanKind
 from opentelemetry.trace.status import StatusCode
 
+from services.mesh.settings import SettingsError
 from services.mesh.spans import Scope, SpanAttributes, SpanEvent, SpanLink, SpanRecord
 
 __all__ = [
@@ -264,7 +265,7 @@ class ExportSettings:
 
         protocol = read("PROTOCOL") or "http/protobuf"
         if protocol not in ("http/protobuf", "grpc"):
-            raise ValueError(f"OTLP protocol {protocol!r}: expected grpc or http/protobuf")
+            raise SettingsError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: expected grpc or http/protobuf")
         own_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
         if protocol == "grpc":
             endpoint = read("ENDPOINT") or "http://localhost:4317"
@@ -279,14 +280,14 @@ class ExportSettings:
             try:
                 timeout_s = float(timeout_raw) / 1000
             except ValueError:
-                raise ValueError(
+                raise SettingsError(
                     f"OTEL_EXPORTER_OTLP_TIMEOUT={timeout_raw!r} is not a number of ms"
                 ) from None
             if not timeout_s > 0:
-                raise ValueError(f"OTEL_EXPORTER_OTLP_TIMEOUT={timeout_raw!r} must be positive")
+                raise SettingsError(f"OTEL_EXPORTER_OTLP_TIMEOUT={timeout_raw!r} must be positive")
         compression = read("COMPRESSION").lower() or "none"
         if compression not in ("gzip", "none"):
-            raise ValueError(f"OTEL_EXPORTER_OTLP_COMPRESSION={compression!r}: expected gzip or none")
+            raise SettingsError(f"OTEL_EXPORTER_OTLP_COMPRESSION={compression!r}: expected gzip or none")
         return cls(
             protocol=protocol,
             endpoint=endpoint,
@@ -307,7 +308,7 @@ def _headers(text: str) -> tuple[tuple[str, str], ...]:
             continue
         key, equals, value = pair.partition("=")
         if not equals or not key.strip():
-            raise ValueError(f"OTEL_EXPORTER_OTLP_HEADERS: {pair.strip()!r} is not key=value")
+            raise SettingsError(f"OTEL_EXPORTER_OTLP_HEADERS: {pair.strip()!r} is not key=value")
         headers.append((urllib.parse.unquote(key.strip()).lower(), urllib.parse.unquote(value.strip())))
     return tuple(headers)
 
@@ -322,7 +323,9 @@ class HttpTransport:
     def __init__(self, settings: ExportSettings) -> None:
         url = urllib.parse.urlsplit(settings.endpoint)
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"OTLP/HTTP endpoint {settings.endpoint!r} must be an http(s) URL")
+            raise SettingsError(
+                f"OTEL_EXPORTER_OTLP_ENDPOINT: {settings.endpoint!r} is no http(s) URL for OTLP/HTTP"
+            )
         self._settings = settings
         self._https = url.scheme == "https"
         self._host = url.hostname
@@ -381,7 +384,10 @@ def _grpc_target(settings: ExportSettings) -> tuple[str, bool]:
     if "://" in endpoint:
         url = urllib.parse.urlsplit(endpoint)
         if url.scheme not in ("http", "https") or not url.netloc:
-            raise ValueError(f"OTLP/gRPC endpoint {endpoint!r}: expected http(s)://host:port or host:port")
+            raise SettingsError(
+                f"OTEL_EXPORTER_OTLP_ENDPOINT: {endpoint!r} for OTLP/gRPC: expected "
+                "http(s)://host:port or host:port"
+            )
         return url.netloc, url.scheme == "http"
     return endpoint, settings.insecure
 

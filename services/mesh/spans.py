@@ -43,6 +43,8 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, T
 from opentelemetry.trace.status import Status, StatusCode
 from opentelemetry.util import types
 
+from services.mesh.settings import SettingsError, env_float, env_int, env_str
+
 __all__ = [
     "SAMPLERS",
     "ExportQueue",
@@ -91,26 +93,6 @@ class SpanExporter(Protocol):
         """Releases connections; no export follows."""
 
 
-def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
-    if not value >= minimum:  # also refuses NaN
-        raise ValueError(f"{name}={raw!r} must be at least {minimum:g}")
-    return value
-
-
-def _whole(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
-    value = _number(env, name, default, minimum=minimum)
-    if value != int(value):
-        raise ValueError(f"{name}={env[name]!r} must be a whole number")
-    return int(value)
-
-
 @dataclass(frozen=True, slots=True)
 class Sampler:
     """Whether a new span is recorded and exported: ``parent_based`` follows a valid parent's
@@ -122,18 +104,14 @@ class Sampler:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Sampler:
-        name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
-        if name not in SAMPLERS:
-            raise ValueError(f"OTEL_TRACES_SAMPLER={name!r}: expected one of {', '.join(SAMPLERS)}")
+        name = env_str(env, "OTEL_TRACES_SAMPLER", "parentbased_always_on", choices=SAMPLERS)
         root = name.removeprefix("parentbased_")
         if root == "always_on":
             ratio = 1.0
         elif root == "always_off":
             ratio = 0.0
         else:
-            ratio = _number(env, "OTEL_TRACES_SAMPLER_ARG", 1.0, minimum=0.0)
-            if ratio > 1.0:
-                raise ValueError(f"OTEL_TRACES_SAMPLER_ARG={ratio!r} must be a ratio from 0 to 1")
+            ratio = env_float(env, "OTEL_TRACES_SAMPLER_ARG", 1.0, minimum=0.0, maximum=1.0)
         return cls(parent_based=name.startswith("parentbased_"), bound=round(ratio * _ID_LIMIT))
 
     def sampled(self, parent: SpanContext | None, trace_id: int) -> bool:
@@ -158,12 +136,12 @@ class SpanLimits:
             if env.get("OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT", "").strip()
             else "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT"
         )
-        length = _whole(env, length_var, -1, minimum=0) if env.get(length_var, "").strip() else None
+        length = env_int(env, length_var, -1, minimum=0)
         return cls(
-            attributes=_whole(env, "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", 128, minimum=0),
-            events=_whole(env, "OTEL_SPAN_EVENT_COUNT_LIMIT", 128, minimum=0),
-            links=_whole(env, "OTEL_SPAN_LINK_COUNT_LIMIT", 128, minimum=0),
-            value_length=length,
+            attributes=env_int(env, "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", 128, minimum=0),
+            events=env_int(env, "OTEL_SPAN_EVENT_COUNT_LIMIT", 128, minimum=0),
+            links=env_int(env, "OTEL_SPAN_LINK_COUNT_LIMIT", 128, minimum=0),
+            value_length=None if length < 0 else length,
         )
 
 
@@ -186,7 +164,7 @@ def resource_from_env(env: Mapping[str, str], default_service_name: str, sdk_ver
             continue
         key, equals, value = pair.partition("=")
         if not equals or not key.strip():
-            raise ValueError(f"OTEL_RESOURCE_ATTRIBUTES: {pair.strip()!r} is not key=value")
+            raise SettingsError(f"OTEL_RESOURCE_ATTRIBUTES: {pair.strip()!r} is not key=value")
         attributes[urllib.parse.unquote(key.strip())] = urllib.parse.unquote(value.strip())
     service = env.get("OTEL_SERVICE_NAME", "").strip()
     if service:
@@ -509,13 +487,13 @@ class QueueSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> QueueSettings:
-        max_queue = _whole(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048, minimum=1)
-        batch_size = _whole(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, minimum=1)
+        max_queue = env_int(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048, minimum=1)
+        batch_size = env_int(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512, minimum=1)
         return cls(
-            delay_s=_number(env, "OTEL_BSP_SCHEDULE_DELAY", 5000, minimum=0) / 1000,
+            delay_s=env_float(env, "OTEL_BSP_SCHEDULE_DELAY", 5000, minimum=0) / 1000,
             max_queue=max_queue,
             batch_size=min(batch_size, max_queue),
-            export_timeout_s=_number(env, "OTEL_BSP_EXPORT_TIMEOUT", 30000, minimum=0) / 1000,
+            export_timeout_s=env_float(env, "OTEL_BSP_EXPORT_TIMEOUT", 30000, minimum=0) / 1000,
         )
 
 

@@ -21,6 +21,8 @@ from typing import Any, Final
 
 from opentelemetry import trace
 
+from services.mesh.settings import SettingsError
+
 __all__ = [
     "REQUEST_ID",
     "JsonFormatter",
@@ -150,7 +152,7 @@ def setup_tracing(default_service_name: str, env: Mapping[str, str] | None = Non
     in ``OTEL_RESOURCE_ATTRIBUTES``) overrides ``default_service_name``. The sampler comes
     from ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` (parent-based, always on, by
     default), span limits from ``OTEL_SPAN_*_LIMIT`` and the export batching from
-    ``OTEL_BSP_*``. A bad value raises ValueError naming the variable.
+    ``OTEL_BSP_*``. A bad value raises SettingsError naming the variable.
     """
     env = os.environ if env is None else env
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
@@ -159,7 +161,7 @@ def setup_tracing(default_service_name: str, env: Mapping[str, str] | None = Non
     if exporter_name == "none":
         return _nothing
     if exporter_name != "otlp":
-        raise ValueError(f"OTEL_TRACES_EXPORTER={exporter_name!r}: only otlp and none are supported")
+        raise SettingsError(f"OTEL_TRACES_EXPORTER={exporter_name!r}: only otlp and none are supported")
     if _first(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT") is None:
         return _nothing
 

@@ -85,3 +85,44 @@ async def test_the_sampler_decides_what_is_exported(
     finally:
         await receiver.stop()
     assert (spans > 0) is spans_expected, spans
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_TRACES_SAMPLER", "bogus"),
+        ("OTEL_TRACES_SAMPLER_ARG", "2"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+    ],
+)
+async def test_a_bad_tracing_variable_stops_the_service_with_one_line_naming_it(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    env = {key: item for key, item in os.environ.items() if not key.startswith(("OTEL_", "SCOREMESH_"))}
+    env.update(
+        {
+            "SCOREMESH_HOME": str(tmp_path / "home"),
+            "SCOREMESH_REGISTRY_PORT": "0",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            variable: value,
+        }
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        "serve",
+        "registry",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), START_TIMEOUT_S)
+    assert process.returncode == 2
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("scoremesh: "), lines
+    assert variable in lines[0], lines
