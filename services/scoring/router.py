@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -281,7 +282,12 @@ class ModelRouter:
 
     def _ensure_watch(self, caller: Caller) -> None:
         if caller.tenant not in self._watches and not self._closed:
-            watch = _TenantWatch(task=asyncio.get_running_loop().create_task(self._follow(caller)))
+            # in a context of its own: the request that happens to open the stream would
+            # otherwise hold it, and the registry's queries under it, in its trace for good
+            follow = self._follow(caller)
+            watch = _TenantWatch(
+                task=asyncio.get_running_loop().create_task(follow, context=contextvars.Context())
+            )
             self._watches[caller.tenant] = watch
 
     async def _follow(self, caller: Caller) -> None:
