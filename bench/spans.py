@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.trace import Link, NonRecordingSpan, SpanKind
 from opentelemetry.util.types import AttributeValue
 
-from services.mesh.otlp import _Encoder
+from services.mesh.otlp import OtlpEncoder
 from services.mesh.spans import LeanTracerProvider, QueueSettings, Sampler, SpanRecord
 
 RESULTS: Final = Path(__file__).parent / "results" / "spans.json"
@@ -82,7 +82,7 @@ class LeanEncoding:
     """Encodes with otlp.py's encoder, as its exporter does; sends nothing."""
 
     def __init__(self) -> None:
-        self._encoder = _Encoder(RESOURCE)
+        self._encoder = OtlpEncoder(RESOURCE)
         self.spans = 0
 
     def export(self, spans: Sequence[SpanRecord]) -> bool:

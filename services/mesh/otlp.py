@@ -42,6 +42,7 @@ __all__ = [
     "ExportSettings",
     "GrpcTransport",
     "HttpTransport",
+    "OtlpEncoder",
     "OtlpExporter",
     "encode_export_request",
     "exporter_from_env",
@@ -108,7 +109,7 @@ def _any_value(value: Any) -> bytes:
     raise TypeError(f"cannot encode an attribute of type {kind.__name__}")
 
 
-class _Encoder:
+class OtlpEncoder:
     """Encodes spans; keeps the encoding of each attribute pair and scope it has seen."""
 
     def __init__(self, resource: Mapping[str, str]) -> None:
@@ -239,7 +240,7 @@ def _flags(context: SpanContext) -> int:
 def encode_export_request(resource: Mapping[str, str], spans: Sequence[SpanRecord]) -> bytes:
     """``spans`` as one ``ExportTraceServiceRequest`` from ``resource`` (for tests and tools;
     an exporter keeps one encoder, and with it the pairs it has seen)."""
-    return _Encoder(resource).request(spans)
+    return OtlpEncoder(resource).request(spans)
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,7 +438,7 @@ class OtlpExporter:
 
     def __init__(self, settings: ExportSettings, resource: Mapping[str, str]) -> None:
         self.settings = settings
-        self._encoder = _Encoder(resource)
+        self._encoder = OtlpEncoder(resource)
         self._transport: HttpTransport | GrpcTransport = (
             GrpcTransport(settings) if settings.protocol == "grpc" else HttpTransport(settings)
         )

@@ -551,7 +551,9 @@ class ExportQueue:
     def flush(self, timeout_s: float) -> bool:
         return self._export_waiting(time.monotonic() + timeout_s)
 
-    def shutdown(self, timeout_s: float) -> None:
+    def shutdown(self) -> None:
+        """Exports what is left (within the export timeout) and closes the exporter."""
+        timeout_s = self._settings.export_timeout_s
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout_s)
@@ -576,8 +578,7 @@ class LeanTracerProvider(trace.TracerProvider):
     ) -> None:
         self.sampler = sampler
         self.limits = limits or SpanLimits()
-        self._queue_settings = queue or QueueSettings()
-        self.queue = ExportQueue(exporter, self._queue_settings)
+        self.queue = ExportQueue(exporter, queue or QueueSettings())
         self.shut_down = False
         self._tracers: dict[Scope, LeanTracer] = {}
 
@@ -600,4 +601,4 @@ class LeanTracerProvider(trace.TracerProvider):
     def shutdown(self) -> None:
         if not self.shut_down:
             self.shut_down = True
-            self.queue.shutdown(self._queue_settings.export_timeout_s)
+            self.queue.shutdown()
