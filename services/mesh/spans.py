@@ -524,17 +524,22 @@ class ExportQueue:
             self._wake.set()
 
     def _work(self) -> None:
+        # As the SDK's batch processor: woken by a full batch, it sends full batches only;
+        # what is left waits for the next full batch or the delay. Sending the remainder at
+        # once would turn a steady stream of spans into exports of a few spans each, one
+        # after another, each paying for a request in both processes.
         while not self._stopping:
-            self._wake.wait(self._settings.delay_s)
+            woken = self._wake.wait(self._settings.delay_s)
             self._wake.clear()
-            self._export_waiting()
+            self._export_waiting(full_batches_only=woken and not self._stopping)
 
-    def _export_waiting(self, deadline: float | None = None) -> bool:
-        """Exports what is queued now, a batch at a time; False when ``deadline`` (a
-        monotonic time) passed first."""
+    def _export_waiting(self, deadline: float | None = None, *, full_batches_only: bool = False) -> bool:
+        """Exports what is queued now (with ``full_batches_only``, while a whole batch is), a
+        batch at a time; False when ``deadline`` (a monotonic time) passed first."""
+        smallest = self._settings.batch_size if full_batches_only else 1
         with self._export_lock:
             spans = self._spans
-            while spans:
+            while len(spans) >= smallest:
                 if deadline is not None and time.monotonic() > deadline:
                     return False
                 count = min(len(spans), self._settings.batch_size)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Final, NamedTuple, TypeAlias
 
 __all__ = [
     "KEY_ATTRIBUTES",
@@ -21,6 +21,7 @@ __all__ = [
     "SpanKind",
     "SpanRecord",
     "SpanStatus",
+    "StoredSpan",
     "TraceQuery",
     "TraceSummary",
 ]
@@ -107,6 +108,27 @@ class SpanRecord:
     @property
     def failed(self) -> bool:
         return self.status_code == SpanStatus.ERROR
+
+
+class StoredSpan(NamedTuple):
+    """A span as the receiver writes it: the columns the listing filters and joins on, and
+    the span itself as OTLP protobuf, read back into a :class:`SpanRecord` only when a trace
+    is shown. Its fields are the store's columns, in their order."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    name: str
+    kind: int
+    service: str
+    scope: str
+    start_ns: int
+    end_ns: int
+    status_code: int
+    model: str | None
+    """The :data:`MODEL_ATTRIBUTE`, when the span has one and it is a non-empty string."""
+    otlp: bytes
+    """The ``opentelemetry.proto.trace.v1.Span``, serialized."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""OTLP trace exports → span records: the one conversion between the wire and the store.
+"""OTLP trace exports → stored spans → span records: the one conversion between the wire and
+the store.
 
 Both transports carry an ``ExportTraceServiceRequest``: as binary protobuf (OTLP/gRPC, and
 OTLP/HTTP with ``application/x-protobuf``) or in OTLP's JSON encoding (OTLP/HTTP with
@@ -32,7 +33,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from services.mesh.errors import InvalidArgument
-from services.traces.model import AttributeValue, SpanRecord
+from services.traces.model import MODEL_ATTRIBUTE, AttributeValue, SpanRecord, StoredSpan
 
 __all__ = [
     "DecodedExport",
@@ -41,6 +42,7 @@ __all__ = [
     "request_from_protobuf",
     "response_for",
     "response_to_json",
+    "span_record",
 ]
 
 UNKNOWN_SERVICE: Final = "unknown_service"
@@ -60,7 +62,7 @@ _SCOPE_SPANS: Final = ("scopeSpans", "scope_spans")
 class DecodedExport:
     """An export's valid spans, and how many were rejected (and why, for the first)."""
 
-    spans: list[SpanRecord] = field(default_factory=list)
+    spans: list[StoredSpan] = field(default_factory=list)
     rejected: int = 0
     error_message: str = ""
 
@@ -138,8 +140,10 @@ def _rewrite_ids(holder: dict[str, Any], what: str) -> None:
 
 
 def decode_export(request: ExportTraceServiceRequest) -> DecodedExport:
-    """Every span of ``request`` as a record; spans with invalid ids are counted as rejected."""
-    spans: list[SpanRecord] = []
+    """Every span of ``request`` as the store writes it; spans with invalid ids are counted as
+    rejected. Only the columns the store indexes are read here (the rest of a span is read
+    when its trace is shown, :func:`span_record`): this runs for every span received."""
+    spans: list[StoredSpan] = []
     rejected = 0
     error_message = ""
     for resource_spans in request.resource_spans:
@@ -152,10 +156,61 @@ def decode_export(request: ExportTraceServiceRequest) -> DecodedExport:
                     rejected += 1
                     error_message = error_message or problem
                     continue
-                spans.append(_record(span, service, scope))
+                parent = span.parent_span_id
+                spans.append(
+                    StoredSpan(
+                        span.trace_id.hex(),
+                        span.span_id.hex(),
+                        parent.hex() if any(parent) else "",
+                        span.name,
+                        span.kind,
+                        service,
+                        scope,
+                        span.start_time_unix_nano,
+                        span.end_time_unix_nano,
+                        span.status.code,
+                        _model(span.attributes),
+                        span.SerializeToString(),
+                    )
+                )
     if rejected:
         error_message = f"{rejected} span(s) rejected; the first: {error_message}"
     return DecodedExport(spans, rejected, error_message)
+
+
+def span_record(stored: StoredSpan) -> SpanRecord:
+    """A stored span in full, its attributes, events and links read from its OTLP bytes."""
+    span = Span.FromString(stored.otlp)
+    return SpanRecord(
+        trace_id=stored.trace_id,
+        span_id=stored.span_id,
+        parent_span_id=stored.parent_span_id,
+        name=stored.name,
+        kind=stored.kind,
+        service=stored.service,
+        scope=stored.scope,
+        start_ns=stored.start_ns,
+        end_ns=stored.end_ns,
+        status_code=stored.status_code,
+        status_message=span.status.message,
+        attributes=_attributes(span.attributes),
+        events=[
+            {
+                "name": event.name,
+                "time_unix_nano": event.time_unix_nano,
+                "attributes": _attributes(event.attributes),
+            }
+            for event in span.events
+        ],
+        links=[
+            {
+                "trace_id": link.trace_id.hex(),
+                "span_id": link.span_id.hex(),
+                "attributes": _attributes(link.attributes),
+            }
+            for link in span.links
+        ],
+    )
 
 
 def response_for(decoded: DecodedExport) -> ExportTraceServiceResponse:
@@ -193,38 +248,14 @@ def _problem(span: Span) -> str:
     return ""
 
 
-def _record(span: Span, service: str, scope: str) -> SpanRecord:
-    parent = span.parent_span_id.hex() if any(span.parent_span_id) else ""
-    return SpanRecord(
-        trace_id=span.trace_id.hex(),
-        span_id=span.span_id.hex(),
-        parent_span_id=parent,
-        name=span.name,
-        kind=span.kind,
-        service=service,
-        scope=scope,
-        start_ns=span.start_time_unix_nano,
-        end_ns=span.end_time_unix_nano,
-        status_code=span.status.code,
-        status_message=span.status.message,
-        attributes=_attributes(span.attributes),
-        events=[
-            {
-                "name": event.name,
-                "time_unix_nano": event.time_unix_nano,
-                "attributes": _attributes(event.attributes),
-            }
-            for event in span.events
-        ],
-        links=[
-            {
-                "trace_id": link.trace_id.hex(),
-                "span_id": link.span_id.hex(),
-                "attributes": _attributes(link.attributes),
-            }
-            for link in span.links
-        ],
-    )
+def _model(attributes: Iterable[KeyValue]) -> str | None:
+    for attribute in attributes:
+        if attribute.key == MODEL_ATTRIBUTE:
+            value = attribute.value
+            if value.WhichOneof("value") == "string_value" and value.string_value:
+                return value.string_value
+            return None
+    return None
 
 
 def _attributes(attributes: Iterable[KeyValue]) -> Mapping[str, AttributeValue]:

@@ -1,9 +1,14 @@
 """The span store: one SQLite file under ``$SCOREMESH_HOME/traces``.
 
 One row per span in ``spans`` (unique by trace and span id, so an exporter's retry of a batch
-changes nothing), and one per trace in ``traces``, recomputed from its spans whenever a batch
-brings new ones: the listing then reads one indexed table. The database runs in WAL mode, so
-``scoremesh traces`` reads while the receiver writes, neither waiting for the other.
+changes nothing), holding the columns the listing filters on and the span itself as OTLP
+protobuf, read back only when a trace is shown. One row per trace in ``traces`` holds what
+the listing sorts and prunes by (times, span and error counts); a trigger keeps it up to date
+as spans are inserted, so a write costs little more than its insert. What the listing shows
+besides (the root span, the services) is read from the spans of the traces listed, and its
+filters by service and model look at the spans of each trace, through the trace index.
+The database runs in WAL mode, so ``scoremesh traces`` reads while the receiver writes,
+neither waiting for the other.
 
 It is bounded: :meth:`TraceStore.prune` drops whole traces, oldest first, beyond an age and
 beyond a span count. Every method blocks; the receiver calls them from its one writer thread,
@@ -12,7 +17,7 @@ the CLI directly.
 
 from __future__ import annotations
 
-import json
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -21,105 +26,81 @@ from pathlib import Path
 from typing import Any, Final
 
 from services.mesh.errors import FailedPrecondition
-from services.traces.model import (
-    MODEL_ATTRIBUTE,
-    SERVICE_PREFIX,
-    AttributeValue,
-    SpanRecord,
-    TraceQuery,
-    TraceSummary,
-)
+from services.traces.model import SERVICE_PREFIX, SpanRecord, StoredSpan, TraceQuery, TraceSummary
+from services.traces.otlp import span_record
 
 __all__ = ["SCHEMA_VERSION", "TraceStore"]
 
-SCHEMA_VERSION: Final = 1
-"""``PRAGMA user_version`` of the store this code writes."""
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 2
+"""``PRAGMA user_version`` of the store this code writes. Version 1 (before 2026-12-08) kept
+attributes as JSON and summarised each trace on every write; a writer replaces such a store."""
 
 BUSY_TIMEOUT_S: Final = 5.0
 # pruning takes the store down to this share of max_spans, so it does not run on every batch
 PRUNE_TO: Final = 0.9
 
-_SCHEMA: Final = """
-CREATE TABLE spans (
-    trace_id TEXT NOT NULL,
-    span_id TEXT NOT NULL,
-    parent_span_id TEXT NOT NULL,
-    name TEXT NOT NULL,
-    kind INTEGER NOT NULL,
-    service TEXT NOT NULL,
-    scope TEXT NOT NULL,
-    start_ns INTEGER NOT NULL,
-    end_ns INTEGER NOT NULL,
-    status_code INTEGER NOT NULL,
-    status_message TEXT NOT NULL,
-    model TEXT,
-    attributes TEXT NOT NULL,
-    events TEXT NOT NULL,
-    links TEXT NOT NULL
-);
-CREATE UNIQUE INDEX spans_by_trace ON spans (trace_id, span_id);
+_SCHEMA: Final = (
+    """CREATE TABLE spans (
+        trace_id TEXT NOT NULL,
+        span_id TEXT NOT NULL,
+        parent_span_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        service TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        start_ns INTEGER NOT NULL,
+        end_ns INTEGER NOT NULL,
+        status_code INTEGER NOT NULL,
+        model TEXT,
+        otlp BLOB NOT NULL
+    )""",
+    "CREATE UNIQUE INDEX spans_by_trace ON spans (trace_id, span_id)",
+    """CREATE TABLE traces (
+        trace_id TEXT PRIMARY KEY,
+        start_ns INTEGER NOT NULL,
+        end_ns INTEGER NOT NULL,
+        span_count INTEGER NOT NULL,
+        error_count INTEGER NOT NULL
+    )""",
+    "CREATE INDEX traces_by_start ON traces (start_ns)",
+    # fires for new spans only: INSERT OR IGNORE skips a retried one before any trigger runs
+    """CREATE TRIGGER spans_summarised AFTER INSERT ON spans BEGIN
+        INSERT INTO traces (trace_id, start_ns, end_ns, span_count, error_count)
+        VALUES (new.trace_id, new.start_ns, new.end_ns, 1, new.status_code = 2)
+        ON CONFLICT (trace_id) DO UPDATE SET
+            start_ns = min(start_ns, excluded.start_ns),
+            end_ns = max(end_ns, excluded.end_ns),
+            span_count = span_count + 1,
+            error_count = error_count + excluded.error_count;
+    END""",
+)
+_TABLES: Final = ("spans", "traces")
 
-CREATE TABLE traces (
-    trace_id TEXT PRIMARY KEY,
-    start_ns INTEGER NOT NULL,
-    end_ns INTEGER NOT NULL,
-    span_count INTEGER NOT NULL,
-    error_count INTEGER NOT NULL,
-    root_span_id TEXT NOT NULL,
-    services TEXT NOT NULL,
-    models TEXT NOT NULL
-);
-CREATE INDEX traces_by_start ON traces (start_ns);
+_INSERT_SPAN: Final = f"""
+INSERT OR IGNORE INTO spans ({", ".join(StoredSpan._fields)})
+VALUES ({", ".join("?" * len(StoredSpan._fields))})
 """
 
-_INSERT_SPAN: Final = """
-INSERT OR IGNORE INTO spans (trace_id, span_id, parent_span_id, name, kind, service, scope,
-    start_ns, end_ns, status_code, status_message, model, attributes, events, links)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+_TRACE_COLUMNS: Final = "t.trace_id, t.span_count, t.error_count, t.start_ns, t.end_ns"
+
+# The root is the span without a parent, else the earliest whose parent is not stored (a
+# caller that does not export, or a span not arrived yet).
+_ROOT: Final = """
+SELECT r.name, r.service FROM spans r
+WHERE r.trace_id = ?
+ORDER BY r.parent_span_id = '' OR NOT EXISTS (
+    SELECT 1 FROM spans p WHERE p.trace_id = r.trace_id AND p.span_id = r.parent_span_id
+) DESC, r.start_ns, r.span_id
+LIMIT 1
 """
 
-# A trace's row from its spans. The root is the span without a parent, else the earliest whose
-# parent is not stored (a caller that does not export, or a span not arrived yet).
-_SUMMARIZE: Final = """
-INSERT OR REPLACE INTO traces (trace_id, start_ns, end_ns, span_count, error_count, root_span_id,
-    services, models)
-SELECT s.trace_id, MIN(s.start_ns), MAX(s.end_ns), COUNT(*), SUM(s.status_code = 2),
-    (SELECT r.span_id FROM spans r
-      WHERE r.trace_id = s.trace_id
-      ORDER BY r.parent_span_id = '' OR NOT EXISTS (
-          SELECT 1 FROM spans p WHERE p.trace_id = r.trace_id AND p.span_id = r.parent_span_id
-      ) DESC, r.start_ns, r.span_id
-      LIMIT 1),
-    (SELECT json_group_array(service) FROM
-        (SELECT DISTINCT service FROM spans WHERE trace_id = s.trace_id ORDER BY service)),
-    (SELECT json_group_array(model) FROM
-        (SELECT DISTINCT model FROM spans WHERE trace_id = s.trace_id AND model IS NOT NULL
-         ORDER BY model))
-FROM spans s WHERE s.trace_id = ? GROUP BY s.trace_id
+_SERVICES: Final = "SELECT DISTINCT service FROM spans WHERE trace_id = ? ORDER BY service"
+
+_SPANS: Final = f"""
+SELECT {", ".join(StoredSpan._fields)} FROM spans WHERE trace_id = ? ORDER BY start_ns, span_id
 """
-
-_SUMMARY_COLUMNS: Final = """
-t.trace_id, COALESCE(r.name, ''), COALESCE(r.service, ''), t.services, t.span_count, t.error_count,
-t.start_ns, t.end_ns
-"""
-
-_SPAN_COLUMNS: Final = """
-trace_id, span_id, parent_span_id, name, kind, service, scope, start_ns, end_ns, status_code,
-status_message, attributes, events, links
-"""
-
-
-# one encoder: json.dumps with options builds a new one per call
-_ENCODE: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-def _dump(value: object) -> str:
-    return _ENCODE(value)
-
-
-def _model_of(span: SpanRecord) -> str | None:
-    model = span.attributes.get(MODEL_ATTRIBUTE)
-    return model if isinstance(model, str) and model else None
 
 
 class TraceStore:
@@ -145,10 +126,12 @@ class TraceStore:
             connection.execute("PRAGMA synchronous=NORMAL")
             with _transaction(connection):
                 version = connection.execute("PRAGMA user_version").fetchone()[0]
+                if 0 < version < SCHEMA_VERSION:
+                    _drop_older(connection, path, version)
+                    version = 0
                 if version == 0:
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            connection.execute(statement)
+                    for statement in _SCHEMA:
+                        connection.execute(statement)
                     connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 elif version != SCHEMA_VERSION:
                     raise FailedPrecondition(
@@ -169,6 +152,12 @@ class TraceStore:
             f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None
         )
         version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if 0 < version < SCHEMA_VERSION:
+            connection.close()
+            raise FailedPrecondition(
+                f"{path} holds trace store version {version}, written by an older scoremesh; "
+                "the local receiver replaces it with an empty one when it next starts (scoremesh up)"
+            )
         if version not in (0, SCHEMA_VERSION):
             connection.close()
             raise FailedPrecondition(f"{path} holds trace store version {version}, not {SCHEMA_VERSION}")
@@ -182,40 +171,14 @@ class TraceStore:
 
     # writing
 
-    def add(self, spans: Sequence[SpanRecord]) -> int:
+    def add(self, spans: Sequence[StoredSpan]) -> int:
         """Stores ``spans`` in one transaction, skipping any already stored; returns how many
         were new."""
         if not spans:
             return 0
         with _transaction(self._db, immediate=True):
-            before = self._db.total_changes
-            self._db.executemany(
-                _INSERT_SPAN,
-                [
-                    (
-                        s.trace_id,
-                        s.span_id,
-                        s.parent_span_id,
-                        s.name,
-                        s.kind,
-                        s.service,
-                        s.scope,
-                        s.start_ns,
-                        s.end_ns,
-                        s.status_code,
-                        s.status_message,
-                        _model_of(s),
-                        _dump(s.attributes),
-                        _dump(s.events),
-                        _dump(s.links),
-                    )
-                    for s in spans
-                ],
-            )
-            added = self._db.total_changes - before
-            if added:
-                self._db.executemany(_SUMMARIZE, [(trace_id,) for trace_id in {s.trace_id for s in spans}])
-        return added
+            # rowcount counts the inserts themselves, not the trigger's updates of traces
+            return self._db.executemany(_INSERT_SPAN, spans).rowcount
 
     def prune(self, *, max_spans: int, max_age_s: float, now_ns: int | None = None) -> int:
         """Drops traces that started more than ``max_age_s`` ago and, while more than
@@ -251,34 +214,39 @@ class TraceStore:
             where.append("t.start_ns >= ?")
             parameters.append(query.since_ns)
         if query.service:
-            where.append("EXISTS (SELECT 1 FROM json_each(t.services) WHERE value IN (?, ?))")
+            where.append(
+                "EXISTS (SELECT 1 FROM spans s WHERE s.trace_id = t.trace_id AND s.service IN (?, ?))"
+            )
             parameters += [query.service, SERVICE_PREFIX + query.service]
         if query.model:
-            where.append("EXISTS (SELECT 1 FROM json_each(t.models) WHERE value = ?)")
+            where.append("EXISTS (SELECT 1 FROM spans s WHERE s.trace_id = t.trace_id AND s.model = ?)")
             parameters.append(query.model)
         if query.failed is not None:
             where.append("t.error_count > 0" if query.failed else "t.error_count = 0")
         order = "t.end_ns - t.start_ns DESC" if query.order == "duration" else "t.start_ns DESC"
         sql = (
-            f"SELECT {_SUMMARY_COLUMNS} FROM traces t"
-            " LEFT JOIN spans r ON r.trace_id = t.trace_id AND r.span_id = t.root_span_id"
+            f"SELECT {_TRACE_COLUMNS} FROM traces t"
             + (" WHERE " + " AND ".join(where) if where else "")
             + f" ORDER BY {order}, t.trace_id LIMIT ?"
         )
         rows = self._db.execute(sql, [*parameters, query.limit]).fetchall()
-        return [
-            TraceSummary(
-                trace_id=row[0],
-                root_name=row[1],
-                root_service=row[2],
-                services=sorted(json.loads(row[3])),
-                span_count=row[4],
-                error_count=row[5],
-                start_ns=row[6],
-                end_ns=row[7],
-            )
-            for row in rows
-        ]
+        return [self._summary(*row) for row in rows]
+
+    def _summary(
+        self, trace_id: str, span_count: int, error_count: int, start_ns: int, end_ns: int
+    ) -> TraceSummary:
+        root = self._db.execute(_ROOT, (trace_id,)).fetchone()
+        services = [row[0] for row in self._db.execute(_SERVICES, (trace_id,))]
+        return TraceSummary(
+            trace_id=trace_id,
+            root_name=root[0] if root else "",
+            root_service=root[1] if root else "",
+            services=services,
+            span_count=span_count,
+            error_count=error_count,
+            start_ns=start_ns,
+            end_ns=end_ns,
+        )
 
     def resolve(self, prefix: str) -> list[str]:
         """The stored trace ids that start with ``prefix`` (lowercase hex), at most two: one
@@ -291,28 +259,7 @@ class TraceStore:
 
     def spans(self, trace_id: str) -> list[SpanRecord]:
         """Every stored span of the trace, by start time; empty when there is none."""
-        rows = self._db.execute(
-            f"SELECT {_SPAN_COLUMNS} FROM spans WHERE trace_id = ? ORDER BY start_ns, span_id", (trace_id,)
-        ).fetchall()
-        return [
-            SpanRecord(
-                trace_id=row[0],
-                span_id=row[1],
-                parent_span_id=row[2],
-                name=row[3],
-                kind=row[4],
-                service=row[5],
-                scope=row[6],
-                start_ns=row[7],
-                end_ns=row[8],
-                status_code=row[9],
-                status_message=row[10],
-                attributes=_load_object(row[11]),
-                events=json.loads(row[12]),
-                links=json.loads(row[13]),
-            )
-            for row in rows
-        ]
+        return [span_record(StoredSpan(*row)) for row in self._db.execute(_SPANS, (trace_id,))]
 
     def count(self) -> tuple[int, int]:
         """How many traces and spans are stored."""
@@ -320,9 +267,19 @@ class TraceStore:
         return int(row[0]), int(row[1])
 
 
-def _load_object(text: str) -> dict[str, AttributeValue]:
-    value = json.loads(text)
-    return value if isinstance(value, dict) else {}
+def _drop_older(connection: sqlite3.Connection, path: Path, version: int) -> None:
+    # a local, bounded cache of recent traces: replaced rather than converted
+    traces = connection.execute("SELECT COUNT(*) FROM traces").fetchone()[0]
+    for table in _TABLES:
+        connection.execute(f"DROP TABLE IF EXISTS {table}")
+    log.warning(
+        "%s held trace store version %d from an older scoremesh; replaced it with an empty "
+        "version %d store (%d traces dropped)",
+        path,
+        version,
+        SCHEMA_VERSION,
+        traces,
+    )
 
 
 @contextmanager

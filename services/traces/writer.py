@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from services.mesh.errors import Unavailable
-from services.traces.model import SpanRecord
+from services.traces.model import StoredSpan
 from services.traces.store import TraceStore
 
 __all__ = ["SpanWriter"]
@@ -55,7 +55,7 @@ class SpanWriter:
         self._prune_interval_s = prune_interval_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-store")
         self._store: TraceStore | None = None
-        self._pending: list[tuple[Sequence[SpanRecord], asyncio.Future[None]]] = []
+        self._pending: list[tuple[Sequence[StoredSpan], asyncio.Future[None]]] = []
         self._pending_spans = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -73,7 +73,7 @@ class SpanWriter:
         await self._in_thread(self._prune)
         self._task = asyncio.create_task(self._run(), name="trace-store-writer")
 
-    async def write(self, spans: Sequence[SpanRecord]) -> None:
+    async def write(self, spans: Sequence[StoredSpan]) -> None:
         """Returns once ``spans`` are committed. Unavailable when the writer is closing, is
         too far behind, or the store failed."""
         if self._task is None or self._closing is not None:
@@ -119,7 +119,7 @@ class SpanWriter:
                 else:
                     done.set_result(None)
 
-    def _add(self, spans: Sequence[SpanRecord]) -> int:
+    def _add(self, spans: Sequence[StoredSpan]) -> int:
         assert self._store is not None
         added = self._store.add(spans)
         self._added_since_prune += added

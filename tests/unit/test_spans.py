@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import random
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
@@ -354,6 +355,41 @@ def test_a_full_batch_is_exported_without_waiting_for_the_delay(collected: Colle
             tracer.start_span(f"s{n}").end()
         assert collected.exported.wait(10)
         assert [span.name for span in collected.batches[0]] == ["s0", "s1", "s2", "s3"]
+    finally:
+        provider.shutdown()
+
+
+def test_between_delays_only_full_batches_are_exported(collected: Collected) -> None:
+    provider = LeanTracerProvider(collected, sampler=ALWAYS, queue=QueueSettings(delay_s=60, batch_size=4))
+    try:
+        tracer = provider.get_tracer("tests")
+        # held, so that all ten are queued when the thread wakes for the first full batch
+        with provider.queue._export_lock:
+            for n in range(10):
+                tracer.start_span(f"s{n}").end()
+        deadline = time.monotonic() + 10
+        while len(collected.batches) < 2 and time.monotonic() < deadline:
+            collected.exported.wait(0.05)
+            collected.exported.clear()
+        # the thread holds the lock while it exports: once it is ours, the thread is done
+        with provider.queue._export_lock:
+            assert [len(batch) for batch in collected.batches] == [4, 4]
+            # the two left wait for the delay or a flush, not sent as an export of their own
+            assert len(provider.queue._spans) == 2
+        assert provider.force_flush()
+        assert [len(batch) for batch in collected.batches] == [4, 4, 2]
+    finally:
+        provider.shutdown()
+
+
+def test_the_delay_sends_a_partial_batch(collected: Collected) -> None:
+    provider = LeanTracerProvider(
+        collected, sampler=ALWAYS, queue=QueueSettings(delay_s=0.05, batch_size=512)
+    )
+    try:
+        provider.get_tracer("tests").start_span("alone").end()
+        assert collected.exported.wait(10)
+        assert [span.name for span in collected.spans] == ["alone"]
     finally:
         provider.shutdown()
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import dataclasses
 import datetime
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,14 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 
 from services.mesh.errors import FailedPrecondition, InvalidArgument
 from services.traces.command import parse_since
-from services.traces.model import AttributeValue, SpanRecord, SpanStatus, TraceQuery
-from services.traces.otlp import decode_export, request_from_json, request_from_protobuf, response_for
+from services.traces.model import AttributeValue, SpanRecord, SpanStatus, StoredSpan, TraceQuery
+from services.traces.otlp import (
+    decode_export,
+    request_from_json,
+    request_from_protobuf,
+    response_for,
+    span_record,
+)
 from services.traces.render import span_json, summary_json, trace_table, tree_order, waterfall
 from services.traces.store import TraceStore
 
@@ -56,6 +63,43 @@ def span(
         status_message=error or "",
         attributes=attributes or {},
     )
+
+
+def _any_value(value: AttributeValue) -> AnyValue:
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    if isinstance(value, float):
+        return AnyValue(double_value=value)
+    assert isinstance(value, str), value
+    return AnyValue(string_value=value)
+
+
+def stored(records: Sequence[SpanRecord]) -> list[StoredSpan]:
+    """The records as the receiver stores them: exported as OTLP protobuf, then decoded."""
+    request = ExportTraceServiceRequest()
+    for record in records:
+        resource = request.resource_spans.add()
+        resource.resource.attributes.add(key="service.name", value=AnyValue(string_value=record.service))
+        scope = resource.scope_spans.add()
+        scope.scope.name = record.scope
+        scope.spans.add(
+            trace_id=bytes.fromhex(record.trace_id),
+            span_id=bytes.fromhex(record.span_id),
+            parent_span_id=bytes.fromhex(record.parent_span_id),
+            name=record.name,
+            kind=record.kind,
+            start_time_unix_nano=record.start_ns,
+            end_time_unix_nano=record.end_ns,
+            status=Status(code=record.status_code, message=record.status_message),  # type: ignore[arg-type]
+            attributes=[
+                KeyValue(key=key, value=_any_value(value)) for key, value in record.attributes.items()
+            ],
+        )
+    decoded = decode_export(request_from_protobuf(request.SerializeToString()))
+    assert decoded.rejected == 0
+    return decoded.spans
 
 
 def scoring_trace() -> list[SpanRecord]:
@@ -127,7 +171,7 @@ def store(tmp_path: Path) -> Iterator[TraceStore]:
 
 
 def test_a_trace_is_summarised_from_its_spans(store: TraceStore) -> None:
-    assert store.add(scoring_trace()) == 5
+    assert store.add(stored(scoring_trace())) == 5
     [summary] = store.traces(TraceQuery())
     assert summary.trace_id == TRACE
     assert summary.root_name == "POST /v2/models/{name}/infer"
@@ -135,17 +179,18 @@ def test_a_trace_is_summarised_from_its_spans(store: TraceStore) -> None:
     assert summary.services == ["scoremesh-gateway", "scoremesh-registry", "scoremesh-scoring", "triton"]
     assert (summary.span_count, summary.error_count, summary.failed) == (5, 1, True)
     assert summary.duration_ns == 12_500_000
-    assert [s.span_id for s in store.spans(TRACE)] == [f"a00000000000000{i}" for i in range(1, 6)]
+    # every field read back, in start order
+    assert store.spans(TRACE) == [dataclasses.replace(s, events=[], links=[]) for s in scoring_trace()]
 
 
 def test_spans_arriving_in_pieces_and_twice(store: TraceStore) -> None:
     spans = scoring_trace()
     # Triton's and scoring's spans come first: until the root arrives, the earliest span
     # whose parent is missing stands in for it
-    assert store.add(spans[1:]) == 4
+    assert store.add(stored(spans[1:])) == 4
     [summary] = store.traces(TraceQuery())
     assert (summary.root_name, summary.span_count) == ("inference.GRPCInferenceService/ModelInfer", 4)
-    assert store.add(spans) == 1  # an exporter's retry adds nothing twice
+    assert store.add(stored(spans)) == 1  # an exporter's retry adds nothing twice
     [summary] = store.traces(TraceQuery())
     assert (summary.root_name, summary.span_count, summary.error_count) == (
         "POST /v2/models/{name}/infer",
@@ -156,21 +201,23 @@ def test_spans_arriving_in_pieces_and_twice(store: TraceStore) -> None:
 
 
 def test_filters_and_order(store: TraceStore) -> None:
-    store.add(scoring_trace())
+    store.add(stored(scoring_trace()))
     store.add(
-        [
-            span("b000000000000001", "", "Register", "scoremesh-training", 1000, 1002, trace_id=OTHER),
-            span(
-                "b000000000000002",
-                "b000000000000001",
-                "CreateVersion",
-                "scoremesh-registry",
-                1000.5,
-                1001,
-                trace_id=OTHER,
-                attributes={"scoremesh.model": "digits"},
-            ),
-        ]
+        stored(
+            [
+                span("b000000000000001", "", "Register", "scoremesh-training", 1000, 1002, trace_id=OTHER),
+                span(
+                    "b000000000000002",
+                    "b000000000000001",
+                    "CreateVersion",
+                    "scoremesh-registry",
+                    1000.5,
+                    1001,
+                    trace_id=OTHER,
+                    attributes={"scoremesh.model": "digits"},
+                ),
+            ]
+        )
     )
 
     def ids(**query: object) -> list[str]:
@@ -202,10 +249,12 @@ def test_prune_drops_old_traces_then_the_oldest_beyond_the_budget(store: TraceSt
         trace_id = f"{i + 1:032x}"
         start = T0 - (9 - i) * hour
         store.add(
-            [
-                span(f"{i + 1:04x}{j + 1:012x}", "", f"t{i}", "svc", 0, 1, trace_id=trace_id, t0=start)
-                for j in range(3)
-            ]
+            stored(
+                [
+                    span(f"{i + 1:04x}{j + 1:012x}", "", f"t{i}", "svc", 0, 1, trace_id=trace_id, t0=start)
+                    for j in range(3)
+                ]
+            )
         )
     assert store.count() == (10, 30)
     assert store.prune(max_spans=1000, max_age_s=10 * 3600, now_ns=T0) == 0
@@ -230,7 +279,7 @@ def test_a_reader_sees_what_the_writer_committed(tmp_path: Path) -> None:
         assert reader is not None
         try:
             assert reader.traces(TraceQuery()) == []
-            writer.add(scoring_trace())
+            writer.add(stored(scoring_trace()))
             assert [t.trace_id for t in reader.traces(TraceQuery())] == [TRACE]
             assert len(reader.spans(TRACE)) == 5
         finally:
@@ -249,6 +298,32 @@ def test_a_store_from_a_newer_scoremesh_is_refused(tmp_path: Path) -> None:
         TraceStore.open(path)
     with pytest.raises(FailedPrecondition, match="version 99"):
         TraceStore.open_reader(path)
+
+
+def test_a_store_from_an_older_scoremesh_is_replaced_by_the_writer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spans.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        # version 1's tables, as far as they matter here
+        connection.execute("CREATE TABLE spans (trace_id TEXT, span_id TEXT, attributes TEXT)")
+        connection.execute("CREATE TABLE traces (trace_id TEXT PRIMARY KEY, services TEXT)")
+        connection.execute("INSERT INTO traces VALUES (?, '[]')", (TRACE,))
+        connection.execute("PRAGMA user_version=1")
+    with pytest.raises(FailedPrecondition, match="older scoremesh"):
+        TraceStore.open_reader(path)
+    with caplog.at_level("WARNING", logger="services.traces.store"):
+        writer = TraceStore.open(path)
+    try:
+        assert "1 traces dropped" in caplog.text
+        assert writer.count() == (0, 0)
+        assert writer.add(stored(scoring_trace())) == 5
+    finally:
+        writer.close()
+    reader = TraceStore.open_reader(path)
+    assert reader is not None
+    with contextlib.closing(reader):
+        assert reader.count() == (1, 5)
 
 
 # rendering
@@ -277,8 +352,10 @@ TRACE ID                          ROOT                          SERVICES        
 
 
 def test_the_trace_table(store: TraceStore) -> None:
-    store.add(scoring_trace())
-    store.add([span("b000000000000001", "", "Register", "scoremesh-training", 1000, 3000, trace_id=OTHER)])
+    store.add(stored(scoring_trace()))
+    store.add(
+        stored([span("b000000000000001", "", "Register", "scoremesh-training", 1000, 3000, trace_id=OTHER)])
+    )
     traces = store.traces(TraceQuery(order="start"))[::-1]
     assert "\n".join(trace_table(traces, tz=datetime.UTC)) == TABLE
     assert summary_json(traces[0]) == {
@@ -372,8 +449,15 @@ def test_protobuf_spans_become_records() -> None:
     request = request_from_protobuf(_export(proto).SerializeToString())
     decoded = decode_export(request)
     assert decoded.rejected == 0
-    [record] = decoded.spans
-    assert record == SpanRecord(
+    [row] = decoded.spans
+    # what the listing filters on is read at once; the rest when the trace is shown
+    assert (row.service, row.scope, row.status_code, row.model) == (
+        "scoremesh-scoring",
+        "services.scoring",
+        2,
+        "iris",
+    )
+    assert span_record(row) == SpanRecord(
         trace_id=TRACE,
         span_id="00f067aa0ba902b7",
         parent_span_id="53995c3f42cd8ad8",
@@ -449,7 +533,7 @@ def test_otlp_json_with_hex_or_base64_ids() -> None:
         ]
     }
     decoded = decode_export(request_from_json(json.dumps(document).encode()))
-    [record] = decoded.spans
+    [record] = [span_record(row) for row in decoded.spans]
     assert (record.trace_id, record.span_id, record.parent_span_id) == (
         TRACE,
         "00f067aa0ba902b7",
