@@ -112,9 +112,14 @@ class TraceStore:
         self.path = path
 
     @classmethod
-    def open(cls, path: Path) -> TraceStore:
+    def open(cls, path: Path, *, auto_checkpoint: bool = True) -> TraceStore:
         """Opens the store at ``path`` for writing, creating it (and its folder, mode 0700)
-        if needed. FailedPrecondition when a newer scoremesh wrote it."""
+        if needed. FailedPrecondition when a newer scoremesh wrote it.
+
+        Without ``auto_checkpoint`` its commits never copy the WAL into the database, which
+        SQLite otherwise does in the commit that fills the WAL past 1000 pages, fsync
+        included (100-400 ms on a busy machine, during which exports wait): the owner then
+        calls :meth:`checkpoint` from another connection, as the receiver does."""
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         connection = sqlite3.connect(
             path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
@@ -124,6 +129,8 @@ class TraceStore:
             # WAL with synchronous=NORMAL survives a crash of the process, not of the machine:
             # enough for traces, and each commit is then a write without an fsync
             connection.execute("PRAGMA synchronous=NORMAL")
+            if not auto_checkpoint:
+                connection.execute("PRAGMA wal_autocheckpoint=0")
             with _transaction(connection):
                 version = connection.execute("PRAGMA user_version").fetchone()[0]
                 if 0 < version < SCHEMA_VERSION:
@@ -179,6 +186,11 @@ class TraceStore:
         with _transaction(self._db, immediate=True):
             # rowcount counts the inserts themselves, not the trigger's updates of traces
             return self._db.executemany(_INSERT_SPAN, spans).rowcount
+
+    def checkpoint(self) -> None:
+        """Copies what the WAL holds into the database, as far as readers allow, without
+        waiting for the writer or making it wait (SQLite's PASSIVE checkpoint)."""
+        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def prune(self, *, max_spans: int, max_age_s: float, now_ns: int | None = None) -> int:
         """Drops traces that started more than ``max_age_s`` ago and, while more than

@@ -10,6 +10,7 @@ UNAVAILABLE, which OTLP exporters retry later, rather than queued without bound.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ T = TypeVar("T")
 
 MAX_PENDING_SPANS: Final = 100_000
 PRUNE_INTERVAL_S: Final = 10.0
+CHECKPOINT_INTERVAL_S: Final = 1.0
 
 
 class SpanWriter:
@@ -36,7 +38,9 @@ class SpanWriter:
 
     ``start()`` opens the store and prunes it; ``write()`` waits until spans are committed;
     ``close()`` commits what is pending, then closes the store, even if its caller is
-    cancelled meanwhile.
+    cancelled meanwhile. A second connection, in a thread of its own, checkpoints the WAL
+    into the database at most every ``checkpoint_interval_s`` while spans arrive, so that
+    no commit waits for that copy and its fsync.
     """
 
     def __init__(
@@ -47,14 +51,22 @@ class SpanWriter:
         max_age_s: float,
         max_pending_spans: int = MAX_PENDING_SPANS,
         prune_interval_s: float = PRUNE_INTERVAL_S,
+        checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
     ) -> None:
         self._path = path
         self._max_spans = max_spans
         self._max_age_s = max_age_s
         self._max_pending_spans = max_pending_spans
         self._prune_interval_s = prune_interval_s
+        self._checkpoint_interval_s = checkpoint_interval_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trace-store")
+        self._checkpoint_executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="trace-store-checkpoint"
+        )
         self._store: TraceStore | None = None
+        self._checkpointer: TraceStore | None = None
+        self._checkpointing: asyncio.Future[None] | None = None
+        self._last_checkpoint = 0.0
         self._pending: list[tuple[Sequence[StoredSpan], asyncio.Future[None]]] = []
         self._pending_spans = 0
         self._wake = asyncio.Event()
@@ -69,8 +81,13 @@ class SpanWriter:
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("the span writer already started")
-        self._store = await self._in_thread(TraceStore.open, self._path)
+        self._store = await self._in_thread(
+            functools.partial(TraceStore.open, self._path, auto_checkpoint=False)
+        )
         await self._in_thread(self._prune)
+        self._checkpointer = await asyncio.get_running_loop().run_in_executor(
+            self._checkpoint_executor, TraceStore.open, self._path
+        )
         self._task = asyncio.create_task(self._run(), name="trace-store-writer")
 
     async def write(self, spans: Sequence[StoredSpan]) -> None:
@@ -109,6 +126,7 @@ class SpanWriter:
             else:
                 failed = False
                 log.debug("stored %d new spans of %d", added, len(spans))
+                self._checkpoint_if_due()
             for _, done in batch:
                 if done.done():  # its caller went away; the spans were written all the same
                     continue
@@ -118,6 +136,24 @@ class SpanWriter:
                     )
                 else:
                     done.set_result(None)
+
+    def _checkpoint_if_due(self) -> None:
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return
+        now = time.monotonic()
+        if now - self._last_checkpoint < self._checkpoint_interval_s:
+            return
+        self._last_checkpoint = now
+        self._checkpointing = asyncio.get_running_loop().run_in_executor(
+            self._checkpoint_executor, self._checkpoint
+        )
+
+    def _checkpoint(self) -> None:
+        assert self._checkpointer is not None
+        try:
+            self._checkpointer.checkpoint()
+        except Exception:  # the spans are committed in the WAL; the next checkpoint copies them
+            log.exception("checkpointing %s failed", self._path)
 
     def _add(self, spans: Sequence[StoredSpan]) -> int:
         assert self._store is not None
@@ -152,6 +188,15 @@ class SpanWriter:
                 self._wake.set()
                 await self._task
         finally:
+            if self._checkpointing is not None:
+                await asyncio.wait([self._checkpointing])
+            checkpointer = self._checkpointer
+            if checkpointer is not None:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._checkpoint_executor, checkpointer.close
+                )
+            self._checkpoint_executor.shutdown(wait=True)
+            # the last connection to close copies the rest of the WAL into the database
             store = self._store
             if store is not None:
                 await self._in_thread(store.close)

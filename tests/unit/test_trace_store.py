@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -29,6 +30,7 @@ from services.traces.otlp import (
 )
 from services.traces.render import span_json, summary_json, trace_table, tree_order, waterfall
 from services.traces.store import TraceStore
+from services.traces.writer import SpanWriter
 
 T0 = 1_700_000_000_000_000_000  # 2023-11-14 22:13:20 UTC
 MS = 1_000_000
@@ -324,6 +326,39 @@ def test_a_store_from_an_older_scoremesh_is_replaced_by_the_writer(
     assert reader is not None
     with contextlib.closing(reader):
         assert reader.count() == (1, 5)
+
+
+async def test_the_writer_checkpoints_from_a_connection_of_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "spans.sqlite3"
+    wal = path.with_name(path.name + "-wal")
+    writer = SpanWriter(path, max_spans=10**6, max_age_s=3600, checkpoint_interval_s=0)
+    await writer.start()
+    try:
+        empty = path.stat().st_size
+        for i in range(20):
+            await writer.write(
+                stored(
+                    [
+                        span(f"{i + 1:04x}{j + 1:012x}", "", "s", "svc", 0, 1, trace_id=f"{i + 1:032x}")
+                        for j in range(50)
+                    ]
+                )
+            )
+        # the writer's own commits never copy the WAL into the database (no autocheckpoint):
+        # the file grows only through the checkpointing connection, in its own thread
+        for _ in range(1000):  # polled for up to 10 s
+            if path.stat().st_size > empty:
+                break
+            await asyncio.sleep(0.01)
+        assert path.stat().st_size > empty
+        assert wal.exists()
+    finally:
+        await writer.close()
+    assert not wal.exists()  # closed, the last connection copied the rest and removed the WAL
+    reader = TraceStore.open_reader(path)
+    assert reader is not None
+    with contextlib.closing(reader):
+        assert reader.count() == (20, 1000)
 
 
 # rendering
