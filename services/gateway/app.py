@@ -7,6 +7,7 @@ generically from the binding's descriptors, so a new annotated RPC needs no code
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -207,7 +208,15 @@ class Gateway:
     async def read_body(self, request: web.Request) -> bytes | None:
         if not request.can_read_body:
             return None
-        # read() returns what has arrived so far, not the whole body: gather it, within the limit
+        length = request.content_length
+        if length is not None:  # the common case: one read of the declared length
+            if length > self.max_body_bytes:
+                raise _TooLarge(self.max_body_bytes)
+            try:
+                return await request.content.readexactly(length)
+            except asyncio.IncompleteReadError as error:  # the client went away: what came
+                return error.partial
+        # chunked: gather what arrives, within the limit
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_any():

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -37,7 +38,16 @@ import numpy as np
 from services.gateway.strict_json import DuplicateKey, unique_keys
 from services.mesh.errors import FieldViolation, InvalidArgument, ResourceExhausted, raise_for_violations
 from services.scoring.oip import pb
-from services.scoring.tensors import BYTES, NUMPY_DTYPES, from_raw, raw_bytes, split_bytes
+from services.scoring.tensors import (
+    BYTES,
+    NUMPY_DTYPES,
+    STRUCT_CODES,
+    from_raw,
+    join_bytes,
+    pack_values,
+    split_bytes,
+    unpack_values,
+)
 
 __all__ = [
     "BODY_FIELD",
@@ -482,13 +492,11 @@ def _json_tensor(
             FieldViolation(where, f"has {len(flat)} elements; shape {list(shape)} needs {count}")
         )
         return None
-    array = _array(flat, datatype, where, violations)
-    return None if array is None else raw_bytes(array)
+    return _raw(flat, datatype, where, violations)
 
 
-def _array(
-    flat: list[Any], datatype: str, where: str, violations: list[FieldViolation]
-) -> np.ndarray[Any, Any] | None:
+def _raw(flat: list[Any], datatype: str, where: str, violations: list[FieldViolation]) -> bytes | None:
+    """JSON elements as ``datatype``'s raw contents, or ``None`` after adding a violation."""
     dtype = NUMPY_DTYPES[datatype]
 
     def wrong(index: int, wanted: str) -> None:
@@ -506,43 +514,39 @@ def _array(
             except UnicodeEncodeError:
                 violations.append(FieldViolation(where, f"element {index} is not valid Unicode"))
                 return None
-        return array
+        return join_bytes(array)
     if datatype == "BOOL":
         bad = next((i for i, value in enumerate(flat) if not isinstance(value, bool)), None)
         if bad is not None:
             wrong(bad, "true or false")
-            return None
-        return np.array(flat, dtype=dtype)
-    if dtype.kind in "iu":
+    elif dtype.kind in "iu":
         bad = next((i for i, value in enumerate(flat) if not _is_int(value)), None)
         if bad is not None:
             wrong(bad, "integers")
-            return None
-        limits = np.iinfo(dtype)
-        if flat and (min(flat) < limits.min or max(flat) > limits.max):
+    else:
+        bad = next(
+            (
+                i
+                for i, value in enumerate(flat)
+                if isinstance(value, bool) or not isinstance(value, int | float)
+            ),
+            None,
+        )
+        if bad is not None:
+            wrong(bad, "numbers")
+    if bad is not None:
+        return None
+    try:
+        return pack_values(flat, datatype)
+    except (struct.error, OverflowError):  # a value past the datatype's range (inf and NaN pack)
+        if dtype.kind in "iu":
+            limits = np.iinfo(dtype)
             violations.append(
                 FieldViolation(where, f"a value is outside {datatype}'s [{limits.min}, {limits.max}]")
             )
-            return None
-        return np.array(flat, dtype=dtype)
-    bad = next(
-        (i for i, value in enumerate(flat) if isinstance(value, bool) or not isinstance(value, int | float)),
-        None,
-    )
-    if bad is not None:
-        wrong(bad, "numbers")
+        else:
+            violations.append(FieldViolation(where, f"a finite value is outside {datatype}'s range"))
         return None
-    try:
-        wide = np.array(flat, dtype=np.float64)
-    except OverflowError:  # a JSON integer past float64's range
-        violations.append(FieldViolation(where, f"a value is outside {datatype}'s range"))
-        return None
-    with np.errstate(over="ignore"):  # overflow is checked just below, as a violation
-        narrow = wide.astype(dtype)
-    if np.any(np.isinf(narrow) & np.isfinite(wide)):
-        violations.append(FieldViolation(where, f"a finite value is outside {datatype}'s range"))
-        return None
-    return narrow
 
 
 def _parse_outputs(
@@ -636,13 +640,12 @@ def infer_response_body(
 
 def _json_data(raw: bytes, datatype: str, shape: Sequence[int]) -> list[Any] | None:
     """An output's elements as a flat JSON list, or ``None`` when JSON cannot carry them."""
-    if datatype == "BF16" or datatype not in NUMPY_DTYPES:
+    if datatype in STRUCT_CODES:
+        # Python numbers; a float32's float64 value parses back to the same float32
+        return unpack_values(raw, datatype, math.prod(shape))
+    if datatype != BYTES:  # BF16, or a datatype JSON has no numbers for
         return None
     array = from_raw(raw, datatype, shape)
-    if datatype != BYTES:
-        # tolist gives Python numbers; a float32's float64 value parses back to the same float32
-        values: list[Any] = array.ravel().tolist()
-        return values
     try:
         return [element.decode() for element in array.ravel()]
     except UnicodeDecodeError:
@@ -650,16 +653,22 @@ def _json_data(raw: bytes, datatype: str, shape: Sequence[int]) -> list[Any] | N
 
 
 def _parameters_json(parameters: Any) -> dict[str, Any]:
+    if not parameters:  # most messages have none: skip the map's Python iteration
+        return {}
     return {
         key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
         for key, value in parameters.items()
     }
 
 
+# one encoder: json.dumps with options builds a new one per call
+_encode: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _dump(document: Mapping[str, Any]) -> bytes:
     # NaN and Infinity are written as python-rapidjson (tritonclient's decoder) reads them;
     # strict JSON has no spelling for a non-finite float
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+    return _encode(document).encode()
 
 
 # Health and metadata

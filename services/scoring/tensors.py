@@ -433,6 +433,39 @@ def _object_array(elements: Sequence[bytes], shape: tuple[int, ...]) -> Array:
 # Raw encoding, shared by responses and the cache key
 
 
+STRUCT_CODES: Final[Mapping[str, str]] = {
+    "BOOL": "?",
+    "UINT8": "B",
+    "UINT16": "H",
+    "UINT32": "I",
+    "UINT64": "Q",
+    "INT8": "b",
+    "INT16": "h",
+    "INT32": "i",
+    "INT64": "q",
+    "FP16": "e",
+    "FP32": "f",
+    "FP64": "d",
+}
+"""The :mod:`struct` code of each fixed-size datatype's element (BF16 has none)."""
+
+
+def pack_values(values: Sequence[Any], datatype: str) -> bytes:
+    """Python numbers as ``datatype``'s raw contents, rounded as numpy rounds them, without
+    building an array (for JSON tensors, mostly a few values). The caller checks their types;
+    raises ``struct.error`` or ``OverflowError`` when one is outside ``datatype``'s range."""
+    return struct.pack(f"<{len(values)}{STRUCT_CODES[datatype]}", *values)
+
+
+def unpack_values(raw: bytes, datatype: str, count: int) -> list[Any]:
+    """The inverse of :func:`pack_values`: ``count`` Python numbers (floats for FP16 and FP32
+    hold their exact value); ``ValueError`` when ``raw`` is not ``count`` elements long."""
+    code = STRUCT_CODES[datatype]
+    if len(raw) != count * struct.calcsize(code):
+        raise ValueError(f"{len(raw)} bytes cannot hold {count} {datatype} values")
+    return list(struct.unpack(f"<{count}{code}", raw))
+
+
 def raw_bytes(array: Array) -> bytes:
     """An array's raw Open Inference Protocol encoding: little-endian, row-major values, or
     length-prefixed elements for BYTES."""

@@ -132,6 +132,17 @@ async def test_bad_bodies_are_4xx_naming_the_field(gateway: RunningGateway) -> N
             assert set(error) == {"code", "message", "details"}
             if field:
                 assert field in json.dumps(error["details"]), error
+
+    async def chunked(body: bytes) -> AsyncIterator[bytes]:  # no Content-Length: chunked
+        for start in range(0, len(body), 1000):
+            yield body[start : start + 1000]
+
+    over = b'{"name": "' + b"x" * MAX_BODY + b'"}'
+    async with gateway.http.post(url, data=chunked(over), headers=headers) as response:
+        assert response.status == 413, await response.text()
+    async with gateway.http.post(url, data=chunked(b'{"name": "chunky"}'), headers=headers) as response:
+        assert response.status == 200, await response.text()
+        assert (await response.json())["name"] == "chunky"
     async with gateway.http.get(f"{gateway.url}/healthz") as response:
         assert response.status == 200
 

@@ -7,6 +7,7 @@ independently.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,14 +25,17 @@ from services.registry.domain import Signature, TensorSpec
 from services.scoring.oip import pb
 from services.scoring.tensors import (
     NUMPY_DTYPES,
+    STRUCT_CODES,
     batch_rows,
     canonical_key,
     datatype_of,
     decode_request,
     encode_response,
     from_raw,
+    pack_values,
     raw_bytes,
     sample_inputs,
+    unpack_values,
 )
 
 Array = np.ndarray[Any, Any]
@@ -585,3 +589,50 @@ def test_sample_inputs_fill_variable_dimensions() -> None:
 def test_from_raw_rejects_a_length_that_does_not_fit() -> None:
     with pytest.raises(ValueError, match="cannot hold 2 FP32 values"):
         from_raw(b"\x00" * 12, "FP32", [2])
+
+
+# Python numbers ↔ raw contents without numpy (the gateway's JSON tensors)
+
+
+def _numpy_raw(values: list[Any], datatype: str) -> bytes:
+    """What the gateway did before pack_values: numbers through a float64 array for floats."""
+    dtype = NUMPY_DTYPES[datatype]
+    if dtype.kind == "f":
+        with np.errstate(over="ignore"):
+            return np.array(values, dtype=np.float64).astype(dtype).tobytes()
+    return np.array(values, dtype=dtype).tobytes()
+
+
+@pytest.mark.parametrize("datatype", sorted(STRUCT_CODES))
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_packed_values_match_numpy(datatype: str, data: st.DataObject) -> None:
+    dtype = NUMPY_DTYPES[datatype]
+    array = data.draw(hnp.arrays(dtype, st.integers(0, 12)))
+    values = array.tolist()  # the Python numbers JSON holds
+    assert pack_values(values, datatype) == _numpy_raw(values, datatype)
+    unpacked = unpack_values(raw_bytes(array), datatype, array.size)
+    assert [type(value) for value in unpacked] == [type(value) for value in values]
+    np.testing.assert_array_equal(np.array(unpacked, dtype=dtype), array.ravel())
+    if dtype.kind == "f":
+        # float64 values round to the datatype as numpy rounds them; overflow raises
+        wide = data.draw(st.lists(st.floats(width=64), max_size=12))
+        narrow = np.frombuffer(_numpy_raw(wide, datatype), dtype=dtype)
+        if np.any(np.isinf(narrow) & np.isfinite(np.array(wide))):
+            with pytest.raises(OverflowError):
+                pack_values(wide, datatype)
+        else:
+            assert pack_values(wide, datatype) == narrow.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("datatype", "value"), [("INT8", 128), ("UINT8", -1), ("UINT64", 2**64), ("FP32", 10**400)]
+)
+def test_packing_a_value_past_the_range_raises(datatype: str, value: int) -> None:
+    with pytest.raises((struct.error, OverflowError)):
+        pack_values([value], datatype)
+
+
+def test_unpacking_the_wrong_length_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="7 bytes cannot hold 2 FP32 values"):
+        unpack_values(b"\0" * 7, "FP32", 2)
