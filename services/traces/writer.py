@@ -84,10 +84,14 @@ class SpanWriter:
         self._store = await self._in_thread(
             functools.partial(TraceStore.open, self._path, auto_checkpoint=False)
         )
-        await self._in_thread(self._prune)
-        self._checkpointer = await asyncio.get_running_loop().run_in_executor(
-            self._checkpoint_executor, TraceStore.open, self._path
-        )
+        try:
+            await self._in_thread(self._prune)
+            self._checkpointer = await asyncio.get_running_loop().run_in_executor(
+                self._checkpoint_executor, TraceStore.open, self._path
+            )
+        except BaseException:  # no connection nor thread left behind
+            await self.close()
+            raise
         self._task = asyncio.create_task(self._run(), name="trace-store-writer")
 
     async def write(self, spans: Sequence[StoredSpan]) -> None:

@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-from services.mesh.errors import FailedPrecondition, InvalidArgument
+from services.mesh.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.traces.command import parse_since
 from services.traces.model import AttributeValue, SpanRecord, SpanStatus, StoredSpan, TraceQuery
 from services.traces.otlp import (
@@ -359,6 +359,17 @@ async def test_the_writer_checkpoints_from_a_connection_of_its_own(tmp_path: Pat
     assert reader is not None
     with contextlib.closing(reader):
         assert reader.count() == (20, 1000)
+
+
+async def test_a_writer_that_fails_to_start_leaves_nothing_open(tmp_path: Path) -> None:
+    path = tmp_path / "spans.sqlite3"
+    # an age no clock can subtract: the first prune, during start, fails
+    writer = SpanWriter(path, max_spans=10, max_age_s=float("inf"))
+    with pytest.raises(OverflowError):
+        await writer.start()
+    assert not path.with_name(path.name + "-wal").exists()  # its connection was closed
+    with pytest.raises(Unavailable):
+        await writer.write(stored(scoring_trace()))
 
 
 # rendering
