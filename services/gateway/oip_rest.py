@@ -279,6 +279,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _parameter_object(
     document: Mapping[str, Any], where: str, violations: list[FieldViolation]
 ) -> dict[str, Any] | None:
@@ -516,25 +524,14 @@ def _raw(flat: list[Any], datatype: str, where: str, violations: list[FieldViola
                 return None
         return join_bytes(array)
     if datatype == "BOOL":
-        bad = next((i for i, value in enumerate(flat) if not isinstance(value, bool)), None)
-        if bad is not None:
-            wrong(bad, "true or false")
+        takes, wanted = _is_bool, "true or false"
     elif dtype.kind in "iu":
-        bad = next((i for i, value in enumerate(flat) if not _is_int(value)), None)
-        if bad is not None:
-            wrong(bad, "integers")
+        takes, wanted = _is_int, "integers"
     else:
-        bad = next(
-            (
-                i
-                for i, value in enumerate(flat)
-                if isinstance(value, bool) or not isinstance(value, int | float)
-            ),
-            None,
-        )
-        if bad is not None:
-            wrong(bad, "numbers")
+        takes, wanted = _is_number, "numbers"
+    bad = next((i for i, value in enumerate(flat) if not takes(value)), None)
     if bad is not None:
+        wrong(bad, wanted)
         return None
     try:
         return pack_values(flat, datatype)

@@ -302,6 +302,14 @@ def test_a_store_from_a_newer_scoremesh_is_refused(tmp_path: Path) -> None:
         TraceStore.open_reader(path)
 
 
+def _count_as_read(path: Path) -> tuple[int, int]:
+    """Traces and spans in the store at ``path``, as the CLI reads them."""
+    reader = TraceStore.open_reader(path)
+    assert reader is not None
+    with contextlib.closing(reader):
+        return reader.count()
+
+
 def test_a_store_from_an_older_scoremesh_is_replaced_by_the_writer(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -322,10 +330,7 @@ def test_a_store_from_an_older_scoremesh_is_replaced_by_the_writer(
         assert writer.add(stored(scoring_trace())) == 5
     finally:
         writer.close()
-    reader = TraceStore.open_reader(path)
-    assert reader is not None
-    with contextlib.closing(reader):
-        assert reader.count() == (1, 5)
+    assert _count_as_read(path) == (1, 5)
 
 
 async def test_the_writer_checkpoints_from_a_connection_of_its_own(tmp_path: Path) -> None:
@@ -355,10 +360,7 @@ async def test_the_writer_checkpoints_from_a_connection_of_its_own(tmp_path: Pat
     finally:
         await writer.close()
     assert not wal.exists()  # closed, the last connection copied the rest and removed the WAL
-    reader = TraceStore.open_reader(path)
-    assert reader is not None
-    with contextlib.closing(reader):
-        assert reader.count() == (20, 1000)
+    assert _count_as_read(path) == (20, 1000)
 
 
 async def test_a_writer_that_fails_to_start_leaves_nothing_open(tmp_path: Path) -> None:
